@@ -1,0 +1,377 @@
+"""`Population`: N training runs of one shape, stepped together on one device.
+
+Each slot is one trial: its own hyperparameters (tensors over slots), weights, optimizer moments and
+step count, random stream (counter-based, :mod:`tuner.noise`), epoch clock, best state and patience.
+One `run_epoch` trains every live slot for one epoch (same number of steps: same data and batch
+size) and validates them; a slot that finishes or is stopped is `assign`-ed a new config while its
+neighbours carry on. Slot losses are *summed* (never averaged: that would shrink every gradient by
+1/N), gradient norms are clipped per slot, and a slot whose loss or gradient goes non-finite is
+frozen at once and stopped with a reason at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from tuner import noise, schedules
+from tuner.data import Splits
+from tuner.models import VAE
+from tuner.optim import StackedOptimizer
+from tuner.spec import TrainConfig, parse_config
+
+__all__ = ["EpochResult", "Population", "PopulationShape", "SlotState"]
+
+CHECKPOINT_FORMAT = 1
+_STREAM_PERM, _STREAM_STEP, _STREAM_BINARIZE, _STREAM_VALID = 11, 12, 13, 14
+_EVAL_ELEMENTS = 1 << 23  # floats per validation batch across slots (bounds memory)
+
+SlotStatus = Literal["empty", "running", "finished", "stopped"]
+
+
+@dataclass(frozen=True)
+class PopulationShape:
+    """What slots of one population must share: everything that cannot be masked per slot."""
+
+    arch: str
+    depth: int
+    channels: int
+    likelihood: str
+    batch_size: int
+    optimizer: str
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> PopulationShape:
+        m = config.model
+        channels = m.channels if m.arch == "conv" else 0
+        return cls(m.arch, m.depth, channels, m.likelihood, config.optim.batch_size, config.optim.name)
+
+
+@dataclass
+class SlotState:
+    """Host-side bookkeeping of one slot (the device holds the tensors)."""
+
+    config: TrainConfig | None = None
+    status: SlotStatus = "empty"
+    reason: str | None = None
+    epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class EpochResult:
+    """One slot's epoch, as the worker and the progress bar see it (nats per example)."""
+
+    slot: int
+    epoch: int  # epochs completed by this slot
+    train_loss: float
+    train_neg_elbo: float
+    val_neg_elbo: float
+    val_recon: float
+    val_kl: float
+    kl_weight: float
+    lr: float
+    improved: bool
+    status: SlotStatus
+    reason: str | None
+
+
+def _hyperparameters(config: TrainConfig) -> dict[str, float]:
+    """A config's per-slot schedule values, as the tensors of :mod:`tuner.schedules` want them."""
+    o, k = config.optim, config.kl
+    return {
+        "lr": o.lr,
+        "lr_warmup": o.warmup_epochs,
+        "lr_decay": schedules.LR_DECAYS.index(o.decay),
+        "min_lr_ratio": o.min_lr_ratio,
+        "step_epochs": o.step_epochs,
+        "step_gamma": o.step_gamma,
+        "grad_clip": o.grad_clip if o.grad_clip > 0 else math.inf,
+        "kl_kind": schedules.KL_SCHEDULES.index(k.schedule),
+        "beta": k.beta,
+        "kl_warmup": k.warmup_epochs,
+        "cycles": k.cycles,
+        "ratio": k.ratio,
+        "capacity": k.capacity,
+        "free_bits": k.free_bits,
+        "epochs": config.train.epochs,
+    }
+
+
+_CODES = ("lr_decay", "kl_kind")
+
+
+def _fit(t: Tensor, shape: torch.Size) -> Tensor:
+    """Copy t into zeros of `shape` over their overlap (padded slot tensors between populations)."""
+    if t.shape == shape:
+        return t
+    out = torch.zeros(shape, dtype=t.dtype)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(t.shape, shape))
+    out[region] = t[region]
+    return out
+
+
+class Population:
+    """N slots of one :class:`PopulationShape` training on one device."""
+
+    def __init__(
+        self, shape: PopulationShape, splits: Splits, *, slots: int, latent_max: int, hidden_max: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.shape, self.splits, self.slots = shape, splits, slots
+        self.device = torch.device(device)
+        self.model = VAE(
+            arch=shape.arch, likelihood=shape.likelihood, image_shape=splits.image_shape, slots=slots,
+            latent_max=latent_max, hidden_max=hidden_max, depth=shape.depth, channels=max(shape.channels, 1),
+        ).to(self.device)
+        self.params = list(self.model.parameters())
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.best = [p.detach().clone() for p in self.params]  # best-validation weights per slot
+        self.optimizer = StackedOptimizer(self.params, shape.optimizer, slots)
+        self.state = [SlotState() for _ in range(slots)]
+        dev = self.device
+        self.seed = torch.zeros(slots, dtype=torch.int64, device=dev)
+        self.keys = noise.keys_from_seeds(self.seed)
+        self.step = torch.zeros(slots, dtype=torch.int64, device=dev)  # batches seen (the noise clock)
+        self.epoch = torch.zeros(slots, dtype=torch.int64, device=dev)
+        self.live = torch.zeros(slots, dtype=torch.bool, device=dev)
+        self.hp = {
+            name: torch.zeros(slots, dtype=torch.int64 if name in _CODES else torch.float32, device=dev)
+            for name in _hyperparameters(TrainConfig())
+        }
+        self.steps_per_epoch = splits.train.shape[0] // shape.batch_size  # the last partial batch is dropped
+
+    @classmethod
+    def for_configs(cls, configs: list[TrainConfig], splits: Splits, device: torch.device | str = "cpu") -> Population:
+        """A population holding exactly these configs (all of one shape), slot i = configs[i]."""
+        shapes = {PopulationShape.of(c) for c in configs}
+        if len(shapes) != 1:
+            raise ValueError(f"configs of different shapes cannot share a population: {sorted(map(str, shapes))}")
+        pop = cls(
+            shapes.pop(), splits, slots=len(configs), device=device,
+            latent_max=max(c.model.latent for c in configs), hidden_max=max(c.model.hidden for c in configs),
+        )
+        for slot, config in enumerate(configs):
+            pop.assign(slot, config)
+        return pop
+
+    # ------------------------------------------------------------------------------- slots
+    def assign(self, slot: int, config: TrainConfig) -> None:
+        """Reset one slot to a fresh run of `config`: new weights, zero moments, clocks at 0."""
+        if PopulationShape.of(config) != self.shape:
+            raise ValueError(f"config shape {PopulationShape.of(config)} does not fit population {self.shape}")
+        m = config.model
+        self.model.init_slot(slot, seed=config.seed, latent=m.latent, hidden=m.hidden, dropout=m.dropout)
+        self.optimizer.reset_slot(slot)
+        o = config.optim
+        self.optimizer.configure_slot(slot, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum)
+        for name, value in _hyperparameters(config).items():
+            self.hp[name][slot] = value
+        self.seed[slot] = config.seed
+        self.keys = noise.keys_from_seeds(self.seed)
+        self.step[slot] = 0
+        self.epoch[slot] = 0
+        with torch.no_grad():
+            for p, b in zip(self.params, self.best):
+                b[slot] = p[slot]
+        self.state[slot] = SlotState(config=config, status="running")
+        self.live[slot] = True
+
+    def release(self, slot: int) -> None:
+        """Mark a slot empty (its trial was handed back); it trains no more until assigned."""
+        self.state[slot].status = "empty"
+        self.live[slot] = False
+
+    def stop(self, slot: int, reason: str) -> None:
+        self.state[slot].status, self.state[slot].reason = "stopped", reason
+        self.live[slot] = False
+
+    def running(self) -> list[int]:
+        return [s for s, st in enumerate(self.state) if st.status == "running"]
+
+    # ---------------------------------------------------------------------------- training
+    def _batch(self, idx: Tensor, step_keys: Tensor) -> Tensor:
+        """(S, B) example indices -> (S, B, D) on the device; dynamic binarization per slot stream."""
+        x = self.splits.train[idx]
+        if self.splits.binarize == "dynamic":
+            u = noise.uniform(noise.derive(step_keys, _STREAM_BINARIZE), tuple(x.shape[1:]))
+            x = (u < x).to(x.dtype)
+        return x
+
+    def _schedule(self, clock: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(kl_weight, capacity, lr), each (S,), at the slots' fractional-epoch clocks."""
+        hp = self.hp
+        kl_w = schedules.kl_weight(clock, hp["kl_kind"], hp["beta"], hp["kl_warmup"], hp["cycles"], hp["ratio"], hp["epochs"])
+        cap = schedules.kl_capacity(clock, hp["kl_kind"], hp["capacity"], hp["kl_warmup"])
+        lr = schedules.learning_rate(
+            clock, hp["lr"], hp["lr_warmup"], hp["lr_decay"], hp["epochs"], hp["min_lr_ratio"],
+            hp["step_epochs"], hp["step_gamma"],
+        )
+        return kl_w, cap, lr
+
+    def train_epoch(self) -> dict[str, Tensor]:
+        """One epoch of every live slot. Returns per-slot means (S,) and a `finite` flag (S,)."""
+        self.model.train()
+        n, b, steps = self.splits.train.shape[0], self.shape.batch_size, self.steps_per_epoch
+        live = self.live.clone()
+        # a fresh permutation of the train split per slot and epoch, from the slot's own stream
+        order = torch.argsort(noise.uniform(noise.derive(self.keys, _STREAM_PERM, self.epoch), (n,)), dim=1, stable=True)
+        finite = torch.ones_like(live)
+        sums = {k: torch.zeros(self.slots, device=self.device) for k in ("loss", "neg_elbo")}
+        for t in range(steps):
+            # 1. schedules at the end of this step (the LR warmup never takes a zero step)
+            clock = self.epoch.to(torch.float32) + (t + 1) / steps
+            kl_w, cap, lr = self._schedule(clock)
+            # 2. forward all slots; a non-finite slot is frozen (zero loss share, no update)
+            step_keys = noise.derive(self.keys, _STREAM_STEP, self.step)
+            x = self._batch(order[:, t * b : (t + 1) * b], step_keys)  # (S, B, D)
+            out = self.model(x, step_keys, kl_w, cap, self.hp["free_bits"])
+            ok = live & torch.isfinite(out.loss)
+            # 3. backward on the SUM of slot losses: each slot gets exactly its own gradient
+            for p in self.params:
+                p.grad = None
+            torch.where(ok, out.loss, 0.0).sum().backward()
+            norms = self.optimizer.clip_grad_norm_(self.hp["grad_clip"])
+            ok &= torch.isfinite(norms)
+            # 4. update, then advance the clocks of live slots
+            self.optimizer.step(torch.where(ok, lr, 0.0), ok)
+            finite &= ok | ~live
+            self.step += live
+            sums["loss"] += torch.where(ok, out.loss.detach(), 0.0)
+            sums["neg_elbo"] += torch.where(ok, out.neg_elbo.detach(), 0.0)
+        self.epoch += live
+        return {
+            "loss": sums["loss"] / steps, "neg_elbo": sums["neg_elbo"] / steps, "finite": finite,
+            "kl_weight": kl_w, "lr": lr,
+        }
+
+    @torch.no_grad()
+    def validate(self, x: Tensor | None = None) -> dict[str, Tensor]:
+        """Single-sample -ELBO (beta = 1), recon and KL of every slot on x (default: val split), (S,)."""
+        self.model.eval()
+        x = self.splits.val if x is None else x
+        n, d = x.shape
+        batch = max(1, min(n, _EVAL_ELEMENTS // (self.slots * d)))
+        sums = {k: torch.zeros(self.slots, device=self.device) for k in ("neg_elbo", "recon", "kl")}
+        zeros = torch.zeros(self.slots, device=self.device)
+        for i, start in enumerate(range(0, n, batch)):
+            xb = x[start : start + batch].unsqueeze(0).expand(self.slots, -1, -1)
+            # fixed noise per (slot seed, batch): the curve moves only when the model does
+            key = noise.derive(self.keys, _STREAM_VALID, i)
+            out = self.model(xb, key, zeros + 1.0, zeros, zeros)
+            for k in sums:
+                sums[k] += getattr(out, k) * xb.shape[1]
+        return {k: v / n for k, v in sums.items()}
+
+    @torch.no_grad()
+    def _keep_best(self, improved: Tensor) -> None:
+        for p, b in zip(self.params, self.best):
+            b.copy_(torch.where(improved.view(-1, *([1] * (p.dim() - 1))), p, b))
+
+    def run_epoch(self) -> list[EpochResult]:
+        """Train and validate every running slot for one epoch; update best state, patience, status."""
+        running = self.running()
+        if not running:
+            return []
+        train = self.train_epoch()
+        val = self.validate()
+        # note: the one host sync of the epoch
+        train_h = {k: v.tolist() for k, v in train.items()}
+        val_h = {k: v.tolist() for k, v in val.items()}
+        improved = [False] * self.slots
+        results = []
+        for s in running:
+            st, cfg = self.state[s], self.state[s].config
+            st.epoch += 1
+            v = val_h["neg_elbo"][s]
+            if not train_h["finite"][s] or not math.isfinite(v):
+                self.stop(s, f"non-finite loss or gradient in epoch {st.epoch} (lr {cfg.optim.lr:g}); slot frozen")
+            elif v < st.best_val:
+                st.best_val, st.best_epoch, st.bad_epochs, improved[s] = v, st.epoch, 0, True
+            else:
+                st.bad_epochs += 1
+            if st.status == "running":
+                if st.epoch >= cfg.train.epochs:
+                    st.status, st.reason = "finished", "epoch budget reached"
+                elif cfg.train.patience and st.bad_epochs >= cfg.train.patience:
+                    st.status, st.reason = "finished", f"early stop: no better val -ELBO for {st.bad_epochs} epochs"
+                if st.status != "running":
+                    self.live[s] = False
+            row = {
+                "epoch": st.epoch, "train_loss": train_h["loss"][s], "train_neg_elbo": train_h["neg_elbo"][s],
+                "val_neg_elbo": v, "val_recon": val_h["recon"][s], "val_kl": val_h["kl"][s],
+                "kl_weight": train_h["kl_weight"][s], "lr": train_h["lr"][s],
+            }
+            st.history.append(row)
+            results.append(EpochResult(slot=s, improved=improved[s], status=st.status, reason=st.reason, **row))
+        self._keep_best(torch.tensor(improved, device=self.device))
+        return results
+
+    # ------------------------------------------------------------------------ checkpoints
+    def slot_checkpoint(self, slot: int) -> dict[str, Any]:
+        """Everything to resume one slot anywhere: loads with torch.load(weights_only=True)."""
+        st = self.state[slot]
+        if st.config is None:
+            raise ValueError(f"slot {slot} holds no run")
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": st.config.model_dump(mode="json"),
+            "model": {n: p[slot].detach().cpu().clone() for n, p in zip(self.names, self.params)},
+            "best": {n: b[slot].cpu().clone() for n, b in zip(self.names, self.best)},
+            "optimizer": self.optimizer.slot_state(slot),
+            "step": int(self.step[slot]),
+            "epoch": st.epoch,
+            "status": st.status,
+            "reason": st.reason,
+            "best_val": st.best_val,
+            "best_epoch": st.best_epoch,
+            "bad_epochs": st.bad_epochs,
+            "history": [dict(r) for r in st.history],
+        }
+
+    @torch.no_grad()
+    def load_slot_checkpoint(self, slot: int, ckpt: dict[str, Any]) -> None:
+        """Put a saved slot into `slot` of this population (maxima may differ; true sizes must fit)."""
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {ckpt.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        config = parse_config(ckpt["config"], source="checkpoint config")
+        self.assign(slot, config)
+        shapes = {n: p.shape[1:] for n, p in zip(self.names, self.params)}
+        for n, p, b in zip(self.names, self.params, self.best):
+            p[slot] = _fit(ckpt["model"][n], shapes[n]).to(self.device)
+            b[slot] = _fit(ckpt["best"][n], shapes[n]).to(self.device)
+        opt = {k: _fit(v, self.optimizer.slot_state(slot)[k].shape) for k, v in ckpt["optimizer"].items()}
+        self.optimizer.load_slot_state(slot, opt)
+        self.step[slot] = ckpt["step"]
+        self.epoch[slot] = ckpt["epoch"]
+        st = self.state[slot]
+        st.status, st.reason, st.epoch = ckpt["status"], ckpt["reason"], ckpt["epoch"]
+        st.best_val, st.best_epoch, st.bad_epochs = ckpt["best_val"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        st.history = [dict(r) for r in ckpt["history"]]
+        self.live[slot] = st.status == "running"
+
+    @torch.no_grad()
+    def slot_model(self, slot: int, best: bool = True) -> VAE:
+        """A one-slot copy of a slot's model (its best-validation weights if `best`), in eval mode."""
+        m = self.model
+        single = VAE(
+            arch=m.arch, likelihood=m.likelihood, image_shape=m.image_shape, slots=1, latent_max=m.latent_max,
+            hidden_max=m.hidden_max, depth=m.depth, channels=max(self.shape.channels, 1),
+        ).to(self.device)
+        source = self.best if best else self.params
+        for p, src in zip(single.parameters(), source):
+            p[0] = src[slot]
+        single.latent_mask[0] = m.latent_mask[slot]
+        single.dropout_rate[0] = m.dropout_rate[slot]
+        return single.eval()
+
+    def elapsed(self) -> float:
+        return time.perf_counter()

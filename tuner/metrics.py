@@ -1,0 +1,342 @@
+"""Evaluation metrics for a population of VAEs: nats per example, per slot.
+
+Every value is a data mean over the evaluation examples x (N, D), computed for all S slots at once
+and returned as an (S,) tensor (or (S, Zmax) for per-dim values). Sums over latent dims always go
+through ``model.latent_mask``, so a slot's masked dims contribute exactly 0 and a slot using 3 of
+Zmax = 5 dims measures the same as a 3-dim model.
+
+Randomness comes only from :mod:`tuner.noise`: the noise for example i (and importance sample k)
+is a pure function of (slot key, i, k, latent dim), never of the batch size, the K chunking, the
+population's size or its Zmax. :func:`evaluate` gives every slot the same key (from ``seed``), so a
+slot's metrics are the same whether it was trained alone or in a population of 8.
+
+Collapse verdict (a product decision; thresholds live here and nowhere else)
+---------------------------------------------------------------------------
+A slot is *collapsed* when any of these holds:
+
+1. no informative unit: no latent dim has data-mean KL >= ``INFORMATIVE_KL_NATS`` (0.1 nats);
+2. its mean KL per example is under ``COLLAPSE_KL_NATS`` (2 nats);
+3. its mutual information I_q(x; z) is under ``COLLAPSE_MI_NATS`` (2 nats).
+
+Why not the active-unit count alone: Cov_x(E_q[z|x]) > 0.01 (Burda et al. 2015) is fooled by a
+posterior whose mean wiggles with x while its variance stays near 1. A beta = 8 MNIST VAE measured
+total KL 1.5 nats yet 17 of 32 "active" units. Why 2 nats: a code that carries less than ~2 nats
+per example cannot even name the digit class (log 10 = 2.3 nats), so whatever its unit counts say
+it is useless as a representation for any user's purpose. A NaN KL or MI counts as collapsed.
+The MI estimate is bounded by log N (see :func:`mutual_info`), so the verdict needs
+N >= exp(COLLAPSE_MI_NATS) ~ 8 examples; :func:`evaluate` refuses fewer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tuner import noise
+from tuner.errors import TunerError
+
+__all__ = [
+    "ACTIVE_UNIT_THRESHOLD",
+    "COLLAPSE_KL_NATS",
+    "COLLAPSE_MI_NATS",
+    "INFORMATIVE_KL_NATS",
+    "MAX_ELEMENTS",
+    "Evaluation",
+    "active_units",
+    "collapse_verdict",
+    "evaluate",
+    "gaussian_kl_per_dim",
+    "iwae_nll",
+    "log_normal",
+    "mutual_info",
+]
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: a dim is active when Cov_x(E_q[z_d|x]) > 0.01
+INFORMATIVE_KL_NATS = 0.1  # a dim carries information when its data-mean KL >= this
+COLLAPSE_MI_NATS = 2.0  # under log 10 = 2.3 nats: cannot name an MNIST class (module docstring)
+COLLAPSE_KL_NATS = 2.0
+MAX_ELEMENTS = 1 << 24  # floats in the largest temporary of one IWAE / MI chunk (64 MiB fp32)
+
+_LOG_2PI = math.log(2.0 * math.pi)
+# Stream ids folded into evaluate's seed key: one independent noise stream per metric.
+_ELBO_STREAM, _IWAE_STREAM, _MI_STREAM = 0, 1, 2
+
+
+@dataclass
+class Evaluation:
+    """Metrics of S slots on one data set; every tensor is on the CPU with a leading slot axis."""
+
+    neg_elbo: Tensor  # (S,) -ELBO with beta = 1: recon + kl
+    recon: Tensor  # (S,) -E_q log p(x|z), one sample per example
+    kl: Tensor  # (S,) analytic KL(q(z|x) || N(0, I)), data mean
+    kl_per_dim: Tensor  # (S, Zmax) data-mean KL of each dim, 0 for masked dims
+    iwae_nll: Tensor  # (S,) -log (1/K sum_k p(x, z_k) / q(z_k|x)), data mean
+    iwae_k: int
+    active_units: Tensor  # (S,) int64
+    informative_units: Tensor  # (S,) int64: dims with kl_per_dim >= INFORMATIVE_KL_NATS
+    mutual_info: Tensor  # (S,) I_q(x; z), <= log N
+    collapsed: Tensor  # (S,) bool, see collapse_verdict
+    inactive_fraction: Tensor  # (S,) 1 - active_units / latent size
+    latent_mask: Tensor  # (S, Zmax) the model's mask, to trim kl_per_dim per slot
+
+    def slot(self, s: int) -> dict[str, Any]:
+        """Slot s as plain python values (JSON-serializable) for metrics.json."""
+        dims = self.latent_mask[s] > 0
+        return {
+            "neg_elbo": float(self.neg_elbo[s]),
+            "recon": float(self.recon[s]),
+            "kl": float(self.kl[s]),
+            "iwae_nll": float(self.iwae_nll[s]),
+            "iwae_k": int(self.iwae_k),
+            "active_units": int(self.active_units[s]),
+            "informative_units": int(self.informative_units[s]),
+            "mutual_info": float(self.mutual_info[s]),
+            "collapsed": bool(self.collapsed[s]),
+            "inactive_fraction": float(self.inactive_fraction[s]),
+            "latent_size": int(dims.sum()),
+            "kl_per_dim": [float(v) for v in self.kl_per_dim[s][dims]],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure elementwise pieces
+
+
+def gaussian_kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) elementwise, in nats. mu = logvar = 0 gives exactly 0."""
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+
+
+def log_normal(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mu, exp(logvar)) elementwise (broadcasting), in nats."""
+    return -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar))
+
+
+def active_units(
+    mu: Tensor, latent_mask: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD
+) -> Tensor:
+    """(S,) int64 count of dims with Cov_x(E_q[z_d|x]) > threshold.
+
+    mu: (S, N, Z) posterior means over the N evaluation examples; latent_mask: (S, Z) of 0/1.
+    The variance is the population one (divide by N), as in Burda et al. 2015.
+    """
+    var = mu.var(dim=1, correction=0)  # (S, Z)
+    return ((var > threshold) & (latent_mask > 0)).sum(dim=-1)
+
+
+def collapse_verdict(kl: Tensor, mutual_info: Tensor, informative_units: Tensor) -> Tensor:
+    """(S,) bool: collapsed = no informative unit, or kl < 2 nats, or MI < 2 nats (NaN -> True).
+
+    Pure; the thresholds and their reasons are in the module docstring.
+    """
+    return (
+        (informative_units == 0)
+        | ~(kl >= COLLAPSE_KL_NATS)  # written as ~(>=) so NaN counts as collapsed
+        | ~(mutual_info >= COLLAPSE_MI_NATS)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes over the data (the model is called here, under no_grad)
+
+
+def _standard_normal(keys: Tensor, zmax: int) -> Tensor:
+    """(*keys.shape, zmax) N(0, 1) draws: one (zmax,) vector per key, coordinates per dim."""
+    return noise.normal(keys.reshape(-1), (zmax,)).view(*keys.shape, zmax)
+
+
+def _batches(x: Tensor, batch_size: int, device: torch.device) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Yield (rows of x, their indices (B,) int64, x[rows] (B, D) float32), all on device."""
+    for start in range(0, x.shape[0], batch_size):
+        rows = slice(start, min(start + batch_size, x.shape[0]))
+        xb = x[rows].to(device=device, dtype=torch.float32)
+        yield rows, torch.arange(rows.start, rows.stop, device=device), xb
+
+
+def _encode(model: Any, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Posterior mu, logvar of every example: (S, N, Zmax) each, on the model's device."""
+    device, s = model.latent_mask.device, model.slots
+    parts = [model.encode(xb.expand(s, *xb.shape)) for _, _, xb in _batches(x, batch_size, device)]
+    return torch.cat([m for m, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+
+
+def _recon(
+    model: Any, x: Tensor, mu: Tensor, logvar: Tensor, key: Tensor, batch_size: int
+) -> Tensor:
+    """(S,) -E_q log p(x|z) with one sample per example: eps_i = normal(derive(key, i))."""
+    mask = model.latent_mask[:, None, :]  # (S, 1, Z)
+    total = torch.zeros(model.slots, device=mu.device)
+    for rows, idx, xb in _batches(x, batch_size, mu.device):
+        m, lv = mu[:, rows], logvar[:, rows]  # (S, B, Z)
+        eps = _standard_normal(noise.derive(key[:, None], idx[None, :]), m.shape[-1])  # (S, B, Z)
+        z = (m + torch.exp(0.5 * lv) * eps) * mask
+        params = model.decode(z)  # (S, B, D)
+        ll = model.log_likelihood(xb.expand(model.slots, *xb.shape), params)  # (S, B)
+        total -= ll.sum(dim=1)
+    return total / x.shape[0]
+
+
+def _iwae(
+    model: Any, x: Tensor, mu: Tensor, logvar: Tensor, k: int, key: Tensor,
+    batch_size: int, max_elements: int,
+) -> Tensor:
+    """(S,) IWAE NLL given the posteriors of every example (see iwae_nll)."""
+    s, zmax = mu.shape[0], mu.shape[-1]
+    mask = model.latent_mask[:, None, None, :]  # (S, 1, 1, Z)
+    total = torch.zeros(s, device=mu.device)
+    for rows, idx, xb in _batches(x, batch_size, mu.device):
+        b, d = xb.shape
+        # K is split so the largest temporary, the decoder output (S, kc*B, D), stays bounded.
+        kc = max(1, min(k, max_elements // (s * b * max(d, zmax))))
+        m, lv = mu[:, None, rows], logvar[:, None, rows]  # (S, 1, B, Z)
+        log_w = []
+        for k0 in range(0, k, kc):
+            ks = torch.arange(k0, min(k, k0 + kc), device=mu.device)
+            keys = noise.derive(key[:, None, None], idx[None, None, :], ks[None, :, None])
+            eps = _standard_normal(keys, zmax)  # (S, kc, B, Z)
+            z = (m + torch.exp(0.5 * lv) * eps) * mask
+            # log p(z) - log q(z|x) per dim; q's term from eps directly: (z - mu)^2 / var = eps^2.
+            log_pq = (-0.5 * (z.square() - lv - eps.square()) * mask).sum(dim=-1)  # (S, kc, B)
+            params = model.decode(z.reshape(s, -1, zmax))  # (S, kc*B, D)
+            xk = xb.repeat(len(ks), 1).expand(s, -1, -1)  # (S, kc*B, D), rows ordered (k, b)
+            ll = model.log_likelihood(xk, params).view(s, len(ks), b)
+            log_w.append(ll + log_pq)
+        log_w = torch.cat(log_w, dim=1)  # (S, K, B)
+        total -= (torch.logsumexp(log_w, dim=1) - math.log(k)).sum(dim=1)
+    return total / x.shape[0]
+
+
+def _mutual_info(
+    mu: Tensor, logvar: Tensor, latent_mask: Tensor, key: Tensor, max_elements: int
+) -> Tensor:
+    """(S,) InfoNCE form of He et al.'s estimator from the posteriors (S, N, Z) (see mutual_info)."""
+    s, n, zmax = mu.shape
+    mask = latent_mask[:, None, :]  # (S, 1, Z)
+    idx = torch.arange(n, device=mu.device)
+    eps = _standard_normal(noise.derive(key[:, None], idx[None, :]), zmax)  # (S, N, Z)
+    z = mu + torch.exp(0.5 * logvar) * eps  # z_i ~ q(z|x_i)
+    log_q_own = (log_normal(z, mu, logvar) * mask).sum(dim=-1)  # (S, N): log q(z_i|x_i)
+    # log q(z_i) ~ logsumexp_j log q(z_i|x_j) - log N; rows i in chunks of (S, ci, N, Z).
+    ci = max(1, max_elements // (s * n * zmax))
+    log_q_marg = []
+    for i0 in range(0, n, ci):
+        zi = z[:, i0 : i0 + ci, None, :]  # (S, ci, 1, Z)
+        lq = log_normal(zi, mu[:, None], logvar[:, None]) * mask[:, None]  # (S, ci, N, Z)
+        lq = lq.sum(dim=-1)  # (S, ci, N): log q(z_i|x_j)
+        log_q_marg.append(torch.logsumexp(lq, dim=-1) - math.log(n))
+    return (log_q_own - torch.cat(log_q_marg, dim=1)).mean(dim=1)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no_grad for the block; restores the training flag after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check(x: Tensor, k: int, batch_size: int) -> None:
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise TunerError(
+            f"metrics: x must be a non-empty (N, D) tensor, but got shape {tuple(x.shape)}; "
+            "flatten each example to one row."
+        )
+    if k < 1:
+        raise TunerError(f"metrics: the IWAE sample count k must be >= 1, but got {k=}; use e.g. 200.")
+    if batch_size < 1:
+        raise TunerError(f"metrics: batch_size must be >= 1, but got {batch_size=}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def iwae_nll(
+    model: Any, x: Tensor, k: int, key: Tensor, batch_size: int = 100,
+    max_elements: int = MAX_ELEMENTS,
+) -> Tensor:
+    """(S,) IWAE bound -log (1/K sum_k p(x, z_k) / q(z_k|x)), nats per example (Burda et al. 2015).
+
+    An upper bound on -log p(x) that tightens as K grows; K = 1 is the single-sample -ELBO.
+    key: (S,) int64. Sample k of example i (row i of x) is z = mu + std * eps with
+    eps = noise.normal(noise.derive(key, i, k), (Zmax,)), so the result does not depend on
+    batch_size or max_elements. K is evaluated in chunks of about max_elements floats.
+    """
+    _check(x, k, batch_size)
+    with _eval_mode(model):
+        mu, logvar = _encode(model, x, batch_size)
+        return _iwae(model, x, mu, logvar, k, key, batch_size, max_elements).cpu()
+
+
+def mutual_info(
+    model: Any, x: Tensor, key: Tensor, batch_size: int = 100, max_elements: int = MAX_ELEMENTS
+) -> Tensor:
+    """(S,) I_q(x; z) = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], nats (He et al. 2019, calc_mi).
+
+    One z_i ~ q(z|x_i) per example (eps_i = noise.normal(noise.derive(key, i), (Zmax,))), and
+    log q(z_i) ~ logsumexp_j log q(z_i|x_j) - log N over the N examples of x. Unlike calc_mi, the
+    first term is the sampled log q(z_i|x_i) rather than its analytic mean; the estimate is then
+    the InfoNCE bound with critic q(z|x) (Poole et al. 2019): it is never above log N (the j = i
+    term alone gives that), and exactly 0 for an encoder that ignores x. So an MI near log N
+    means "at least log N", and comparing slots needs the same N. Memory: the posteriors
+    (S, N, Zmax) twice, plus chunks of about max_elements floats.
+    """
+    _check(x, 1, batch_size)
+    with _eval_mode(model):
+        mu, logvar = _encode(model, x, batch_size)
+        return _mutual_info(mu, logvar, model.latent_mask, key, max_elements).cpu()
+
+
+def evaluate(
+    model: Any, x: Tensor, *, k: int = 200, seed: int = 0, batch_size: int = 100,
+    max_elements: int = MAX_ELEMENTS,
+) -> Evaluation:
+    """All metrics of every slot on x (N, D), nats per example. Every slot gets the same noise."""
+    _check(x, k, batch_size)
+    n = x.shape[0]
+    if math.log(n) < COLLAPSE_MI_NATS:
+        raise TunerError(
+            f"metrics: evaluating on N={n} examples bounds the mutual information by log N = "
+            f"{math.log(n):.2f} nats < COLLAPSE_MI_NATS={COLLAPSE_MI_NATS}, so every slot would be "
+            f"judged collapsed; evaluate on at least {math.ceil(math.exp(COLLAPSE_MI_NATS))} examples."
+        )
+    mask = model.latent_mask
+    seeds = torch.full((model.slots,), seed, dtype=torch.int64, device=mask.device)
+    key = noise.keys_from_seeds(seeds)
+    with _eval_mode(model):
+        mu, logvar = _encode(model, x, batch_size)  # (S, N, Z), reused by every metric below
+        kl_per_dim = (gaussian_kl_per_dim(mu, logvar) * mask[:, None]).mean(dim=1)  # (S, Z)
+        recon = _recon(model, x, mu, logvar, noise.derive(key, _ELBO_STREAM), batch_size)
+        iwae_key = noise.derive(key, _IWAE_STREAM)
+        iwae = _iwae(model, x, mu, logvar, k, iwae_key, batch_size, max_elements)
+        mi = _mutual_info(mu, logvar, mask, noise.derive(key, _MI_STREAM), max_elements)
+        au = active_units(mu, mask)
+    # note: the .cpu() calls below are the only host syncs of the evaluation
+    kl_per_dim, mask = kl_per_dim.cpu(), mask.cpu()
+    kl, recon, au = kl_per_dim.sum(dim=-1), recon.cpu(), au.cpu()
+    informative = ((kl_per_dim >= INFORMATIVE_KL_NATS) & (mask > 0)).sum(dim=-1)
+    mi = mi.cpu()
+    return Evaluation(
+        neg_elbo=recon + kl,
+        recon=recon,
+        kl=kl,
+        kl_per_dim=kl_per_dim,
+        iwae_nll=iwae.cpu(),
+        iwae_k=k,
+        active_units=au,
+        informative_units=informative,
+        mutual_info=mi,
+        collapsed=collapse_verdict(kl, mi, informative),
+        inactive_fraction=1.0 - au.float() / mask.sum(dim=-1).clamp(min=1.0),
+        latent_mask=mask,
+    )

