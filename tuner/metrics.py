@@ -151,7 +151,9 @@ def _standard_normal(keys: Tensor, zmax: int) -> Tensor:
     return noise.normal(keys.reshape(-1), (zmax,)).view(*keys.shape, zmax)
 
 
-def _batches(x: Tensor, batch_size: int, device: torch.device) -> Iterator[tuple[slice, Tensor, Tensor]]:
+def _batches(
+    x: Tensor, batch_size: int, device: torch.device
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """Yield (rows of x, their indices (B,) int64, x[rows] (B, D) float32), all on device."""
     for start in range(0, x.shape[0], batch_size):
         rows = slice(start, min(start + batch_size, x.shape[0]))
@@ -215,7 +217,7 @@ def _iwae(
 def _mutual_info(
     mu: Tensor, logvar: Tensor, latent_mask: Tensor, key: Tensor, max_elements: int
 ) -> Tensor:
-    """(S,) InfoNCE form of He et al.'s estimator from the posteriors (S, N, Z) (see mutual_info)."""
+    """(S,) MI estimate from the posteriors mu, logvar (S, N, Z) (see mutual_info)."""
     s, n, zmax = mu.shape
     mask = latent_mask[:, None, :]  # (S, 1, Z)
     idx = torch.arange(n, device=mu.device)
@@ -252,7 +254,7 @@ def _check(x: Tensor, k: int, batch_size: int) -> None:
             "flatten each example to one row."
         )
     if k < 1:
-        raise TunerError(f"metrics: the IWAE sample count k must be >= 1, but got {k=}; use e.g. 200.")
+        raise TunerError(f"metrics: the IWAE sample count k must be >= 1, but got {k=}; use 200.")
     if batch_size < 1:
         raise TunerError(f"metrics: batch_size must be >= 1, but got {batch_size=}.")
 
@@ -308,7 +310,8 @@ def evaluate(
         raise TunerError(
             f"metrics: evaluating on N={n} examples bounds the mutual information by log N = "
             f"{math.log(n):.2f} nats < COLLAPSE_MI_NATS={COLLAPSE_MI_NATS}, so every slot would be "
-            f"judged collapsed; evaluate on at least {math.ceil(math.exp(COLLAPSE_MI_NATS))} examples."
+            f"judged collapsed; evaluate on at least {math.ceil(math.exp(COLLAPSE_MI_NATS))} "
+            "examples."
         )
     mask = model.latent_mask
     seeds = torch.full((model.slots,), seed, dtype=torch.int64, device=mask.device)
