@@ -47,17 +47,20 @@ def train(
         TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[stats]}"),
     )
-    with Progress(*columns, console=err_console, transient=False) as progress:
-        task = progress.add_task("train", total=cfg.train.epochs, stats="")
+    progress = Progress(*columns, console=err_console, transient=False)
+    task = progress.add_task("train", total=cfg.train.epochs, stats="")
 
-        def on_epoch(r) -> None:  # noqa: ANN001 - EpochResult
-            stats = (
-                f"train -ELBO {r.train_neg_elbo:7.2f}  val -ELBO {r.val_neg_elbo:7.2f}  "
-                f"KL w {r.kl_weight:.3g}  lr {r.lr:.2e}"
-            )
-            progress.update(task, completed=r.epoch, stats=stats)
+    def on_epoch(r) -> None:  # noqa: ANN001 - EpochResult
+        stats = (
+            f"train -ELBO {r.train_neg_elbo:7.2f}  val -ELBO {r.val_neg_elbo:7.2f}  "
+            f"KL w {r.kl_weight:.3g}  lr {r.lr:.2e}"
+        )
+        progress.update(task, completed=r.epoch, stats=stats)
 
-        result = train_config(cfg, out, device=device, on_epoch=on_epoch)
+    try:
+        result = train_config(cfg, out, device=device, on_epoch=on_epoch, on_start=progress.start)
+    finally:
+        progress.stop()
     m = result.metrics
     typer.echo(
         f"test: iwae_nll {m['iwae_nll']:.2f}  -elbo {m['neg_elbo']:.2f}  recon {m['recon']:.2f}  "

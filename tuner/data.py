@@ -25,6 +25,7 @@ import math
 import zipfile
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,9 @@ import torch
 from torch import Tensor
 
 from tuner.errors import TunerError
-from tuner.spec import DataConfig
+
+if TYPE_CHECKING:  # spec needs pydantic; data must import with torch and numpy alone
+    from tuner.spec import DataConfig
 
 __all__ = ["KNOWN_DATASETS", "Splits", "load_array", "load_splits"]
 

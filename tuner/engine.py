@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,7 +23,9 @@ from tuner import noise, schedules
 from tuner.data import Splits
 from tuner.models import VAE
 from tuner.optim import StackedOptimizer
-from tuner.spec import TrainConfig, parse_config
+
+if TYPE_CHECKING:  # the engine imports with torch and numpy alone (no pydantic on a bare GPU box)
+    from tuner.spec import TrainConfig
 
 __all__ = ["EpochResult", "Population", "PopulationShape", "SlotState"]
 
@@ -106,6 +108,10 @@ def _hyperparameters(config: TrainConfig) -> dict[str, float]:
     }
 
 
+_HYPERPARAMETERS = (
+    "lr", "lr_warmup", "lr_decay", "min_lr_ratio", "step_epochs", "step_gamma", "grad_clip",
+    "kl_kind", "beta", "kl_warmup", "cycles", "ratio", "capacity", "free_bits", "epochs",
+)
 _CODES = ("lr_decay", "kl_kind")
 
 
@@ -145,7 +151,7 @@ class Population:
         self.live = torch.zeros(slots, dtype=torch.bool, device=dev)
         self.hp = {
             name: torch.zeros(slots, dtype=torch.int64 if name in _CODES else torch.float32, device=dev)
-            for name in _hyperparameters(TrainConfig())
+            for name in _HYPERPARAMETERS
         }
         self.steps_per_epoch = splits.train.shape[0] // shape.batch_size  # the last partial batch is dropped
 
@@ -342,6 +348,8 @@ class Population:
         """Put a saved slot into `slot` of this population (maxima may differ; true sizes must fit)."""
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {ckpt.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        from tuner.spec import parse_config  # lazy: pydantic only where a checkpoint is read
+
         config = parse_config(ckpt["config"], source="checkpoint config")
         self.assign(slot, config)
         shapes = {n: p.shape[1:] for n, p in zip(self.names, self.params)}

@@ -96,15 +96,22 @@ def write_images(model: VAE, x: torch.Tensor, out_dir: Path, seed: int, image_sh
 
 def train_config(
     config: TrainConfig, out_dir: str | Path, *, device: str = "auto",
-    on_epoch: Callable[[EpochResult], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None, on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train `config` alone (a population of one), evaluate it on the test split, write the run folder."""
-    out_dir = _writable_dir(Path(out_dir))
+    """Train `config` alone (a population of one), evaluate it on the test split, write the run folder.
+
+    on_start runs once every input check has passed (a progress bar starts there, so a bad input
+    prints nothing but its one-line error); on_epoch runs after every epoch.
+    """
+    # every check that can fail on user input runs before the first file is written
     dev = resolve_device(device)
     splits = load_splits(config.data, config.optim.batch_size, dev)
     pop = Population.for_configs([config], splits, dev)
     _sanity_batch(pop, 0)
+    out_dir = _writable_dir(Path(out_dir))
     (out_dir / "config.yaml").write_text(config_to_yaml(config))
+    if on_start is not None:
+        on_start()
     start = time.perf_counter()
     while pop.state[0].status == "running":
         for result in pop.run_epoch():
