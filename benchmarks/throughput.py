@@ -1,6 +1,6 @@
 """Model-epochs per second: the population engine vs a plain per-trial PyTorch loop, same run.
 
-    python benchmarks/throughput.py [--device auto] [--populations 1,8,32,128] [--epochs 2]
+    python benchmarks/throughput.py [--device auto] [--populations 1,8,32,128] [--epochs 2] [--rounds 3]
 
 The baseline is what a tuner does per trial today: one nn.Module MLP VAE, a DataLoader over the
 train split, torch.optim.Adam, dynamic binarization with torch.bernoulli. The engine trains N slots
@@ -14,6 +14,7 @@ so it runs on a bare GPU machine.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -96,8 +97,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_loop(splits: Splits, device: torch.device, epochs: int) -> float:
-    """Model-epochs per second of one model trained with a DataLoader loop (after a warm-up epoch)."""
+def plain_loop(splits: Splits, device: torch.device):
+    """A one-epoch function training one model with a DataLoader loop (warmed up)."""
     torch.manual_seed(0)
     model = PlainVAE(splits.dim).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -114,16 +115,11 @@ def plain_loop(splits: Splits, device: torch.device, epochs: int) -> float:
             opt.step()
 
     epoch()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        epoch()
-    sync(device)
-    return epochs / (time.perf_counter() - start)
+    return epoch
 
 
-def population(splits: Splits, device: torch.device, slots: int, epochs: int) -> float:
-    """Model-epochs per second of `slots` models trained together by the engine."""
+def population(splits: Splits, device: torch.device, slots: int):
+    """A one-epoch function training `slots` models together with the engine (warmed up)."""
     configs = [make_config(seed=s, lr=1e-3 * (1 + 0.1 * (s % 5))) for s in range(slots)]
     pop = Population(
         _shape(configs[0]), splits, slots=slots, latent_max=LATENT, hidden_max=HIDDEN, device=device
@@ -131,12 +127,17 @@ def population(splits: Splits, device: torch.device, slots: int, epochs: int) ->
     for s, c in enumerate(configs):
         pop.assign(s, c)
     pop.train_epoch()
+    return pop.train_epoch
+
+
+def rate(epoch, models: int, epochs: int, device: torch.device) -> float:
+    """Model-epochs per second over `epochs` timed epochs."""
     sync(device)
     start = time.perf_counter()
     for _ in range(epochs):
-        pop.train_epoch()
+        epoch()
     sync(device)
-    return slots * epochs / (time.perf_counter() - start)
+    return models * epochs / (time.perf_counter() - start)
 
 
 def _shape(config: Any):
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--populations", default=None, help="comma list (default 1,8,32,128 on GPU, 1,4,8 on CPU)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
     args = parser.parse_args()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -163,13 +165,20 @@ def main() -> None:
     splits, source = load_train(device)
     print(f"device: {name}; torch {torch.__version__}; data: {source}")
     print(f"MLP VAE z{LATENT} h{HIDDEN} depth {DEPTH} batch {BATCH}; {args.epochs} timed epochs each")
-    base = plain_loop(splits, device, args.epochs)
-    print(f"{'run':<24}{'model-epochs/s':>16}{'x plain':>10}")
-    print(f"{'plain loop (DataLoader)':<24}{base:>16.2f}{1.0:>10.2f}")
+    # every run is measured in each of `rounds` interleaved rounds and reported by its median, so
+    # a burst of load on the machine skews one round of all runs rather than one run
+    runs = {"plain loop (DataLoader)": (plain_loop(splits, device), 1)}
     for n in (int(s) for s in sizes.split(",")):
-        rate = population(splits, device, n, args.epochs)
-        print(f"{f'population of {n}':<24}{rate:>16.2f}{rate / base:>10.2f}")
-
+        runs[f"population of {n}"] = (population(splits, device, n), n)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (epoch, models) in runs.items():
+            rates[name].append(rate(epoch, models, args.epochs, device))
+    base = statistics.median(rates["plain loop (DataLoader)"])
+    print(f"{'run':<26}{'model-epochs/s':>16}{'x plain':>10}   (median of {args.rounds} rounds)")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"{name:<26}{median:>16.2f}{median / base:>10.2f}")
 
 if __name__ == "__main__":
     main()

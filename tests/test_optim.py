@@ -10,6 +10,15 @@ import torch
 from tuner.optim import StackedOptimizer
 
 S = 4
+FUSED = True  # set per test by the `impl` fixture: every test runs on both update paths
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["fused", "vectorized"])
+def impl(request: pytest.FixtureRequest):
+    """The fused per-slot kernels (CPU default) and the vectorized all-slots update (GPU default)."""
+    global FUSED
+    FUSED = request.param
+    yield request.param
 SHAPES = ((S, 5, 3), (S, 3))  # a weight and a bias, slot axis first
 LRS = (1e-3, 3e-3, 1e-2, 5e-4)
 CONFIGS = (  # per slot: betas, eps, weight_decay, momentum
@@ -34,11 +43,11 @@ def _reference(kind: str, param: torch.Tensor, slot: int, lr: float) -> torch.op
 class Setup:
     """Stacked params + StackedOptimizer, and per (slot, param) reference params + torch optimizers."""
 
-    def __init__(self, kind: str, seed: int = 0):
+    def __init__(self, kind: str, seed: int = 0, fused: bool | None = None):
         g = torch.Generator().manual_seed(seed)
         self.kind = kind
         self.params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in SHAPES]
-        self.opt = StackedOptimizer(self.params, kind, slots=S)
+        self.opt = StackedOptimizer(self.params, kind, slots=S, fused=FUSED if fused is None else fused)
         for slot in range(S):
             self.opt.configure_slot(slot, **CONFIGS[slot])
         self.refs = [[torch.nn.Parameter(p[slot].detach().clone()) for p in self.params] for slot in range(S)]

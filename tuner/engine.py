@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tuner import noise, schedules
 from tuner.data import Splits
@@ -31,6 +32,8 @@ __all__ = ["EpochResult", "Population", "PopulationShape", "SlotState"]
 
 CHECKPOINT_FORMAT = 1
 _STREAM_PERM, _STREAM_STEP, _STREAM_BINARIZE, _STREAM_VALID = 11, 12, 13, 14
+# the flat parameter's views are strided across slots; their gradients accumulate in place all the same
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 _EVAL_ELEMENTS = 1 << 23  # floats per validation batch across slots (bounds memory)
 
 SlotStatus = Literal["empty", "running", "finished", "stopped"]
@@ -125,6 +128,28 @@ def _fit(t: Tensor, shape: torch.Size) -> Tensor:
     return out
 
 
+def _flatten(params: list[nn.Parameter]) -> tuple[nn.Parameter, list[tuple[int, int]]]:
+    """One (S, P) parameter, with a preallocated gradient, holding every weight of the model.
+
+    Each model parameter's data and grad become views into it (autograd accumulates into the
+    views in place), so the optimizer, the gradient-norm check, zeroing and best-state copies are a
+    handful of ops over one tensor per step instead of a handful per layer.
+    """
+    sizes = [p[0].numel() for p in params]
+    flat = nn.Parameter(torch.zeros(params[0].shape[0], sum(sizes), device=params[0].device))
+    flat.grad = torch.zeros_like(flat)
+    offsets, start = [], 0
+    with torch.no_grad():
+        for p, n in zip(params, sizes):
+            view = flat.data[:, start : start + n].view(p.shape)
+            view.copy_(p.data)
+            p.data = view
+            p.grad = flat.grad[:, start : start + n].view(p.shape)
+            offsets.append((start, start + n))
+            start += n
+    return flat, offsets
+
+
 class Population:
     """N slots of one :class:`PopulationShape` training on one device."""
 
@@ -140,8 +165,11 @@ class Population:
         ).to(self.device)
         self.params = list(self.model.parameters())
         self.names = [n for n, _ in self.model.named_parameters()]
-        self.best = [p.detach().clone() for p in self.params]  # best-validation weights per slot
-        self.optimizer = StackedOptimizer(self.params, shape.optimizer, slots)
+        self.flat, self.offsets = _flatten(self.params)  # (S, P); self.params are views into it
+        self.best_flat = self.flat.detach().clone()  # best-validation weights per slot
+        self.best = [self.best_flat[:, a:b].view(p.shape) for p, (a, b) in zip(self.params, self.offsets)]
+        self.optimizer = StackedOptimizer([self.flat], shape.optimizer, slots)
+        self._clipping = False  # host-side: does any slot clip gradients
         self.state = [SlotState() for _ in range(slots)]
         dev = self.device
         self.seed = torch.zeros(slots, dtype=torch.int64, device=dev)
@@ -185,9 +213,9 @@ class Population:
         self.keys = noise.keys_from_seeds(self.seed)
         self.step[slot] = 0
         self.epoch[slot] = 0
+        self._clipping = bool(torch.isfinite(self.hp["grad_clip"]).any())
         with torch.no_grad():
-            for p, b in zip(self.params, self.best):
-                b[slot] = p[slot]
+            self.best_flat[slot] = self.flat[slot]
         self.state[slot] = SlotState(config=config, status="running")
         self.live[slot] = True
 
@@ -208,12 +236,11 @@ class Population:
         """(S, B) example indices -> (S, B, D) on the device; dynamic binarization per slot stream."""
         x = self.splits.train[idx]
         if self.splits.binarize == "dynamic":
-            u = noise.uniform(noise.derive(step_keys, _STREAM_BINARIZE), tuple(x.shape[1:]))
-            x = (u < x).to(x.dtype)
+            x = noise.bernoulli(noise.derive(step_keys, _STREAM_BINARIZE), x)
         return x
 
     def _schedule(self, clock: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(kl_weight, capacity, lr), each (S,), at the slots' fractional-epoch clocks."""
+        """(kl_weight, capacity, lr) at the slots' fractional-epoch clocks (..., S) (broadcasts)."""
         hp = self.hp
         kl_w = schedules.kl_weight(clock, hp["kl_kind"], hp["beta"], hp["kl_warmup"], hp["cycles"], hp["ratio"], hp["epochs"])
         cap = schedules.kl_capacity(clock, hp["kl_kind"], hp["capacity"], hp["kl_warmup"])
@@ -232,20 +259,24 @@ class Population:
         order = torch.argsort(noise.uniform(noise.derive(self.keys, _STREAM_PERM, self.epoch), (n,)), dim=1, stable=True)
         finite = torch.ones_like(live)
         sums = {k: torch.zeros(self.slots, device=self.device) for k in ("loss", "neg_elbo")}
+        # 1. the epoch's schedules and noise keys, for all steps at once (steps, S): each value is
+        #    taken at the end of its step (the LR warmup never takes a zero step)
+        ticks = torch.arange(1, steps + 1, device=self.device).view(-1, 1)
+        kl_ws, caps, lrs = self._schedule(self.epoch.to(torch.float32) + ticks / steps)
+        all_keys = noise.derive(self.keys, _STREAM_STEP, self.step + ticks - 1)
         for t in range(steps):
-            # 1. schedules at the end of this step (the LR warmup never takes a zero step)
-            clock = self.epoch.to(torch.float32) + (t + 1) / steps
-            kl_w, cap, lr = self._schedule(clock)
+            kl_w, cap, lr, step_keys = kl_ws[t], caps[t], lrs[t], all_keys[t]
             # 2. forward all slots; a non-finite slot is frozen (zero loss share, no update)
-            step_keys = noise.derive(self.keys, _STREAM_STEP, self.step)
             x = self._batch(order[:, t * b : (t + 1) * b], step_keys)  # (S, B, D)
             out = self.model(x, step_keys, kl_w, cap, self.hp["free_bits"])
             ok = live & torch.isfinite(out.loss)
             # 3. backward on the SUM of slot losses: each slot gets exactly its own gradient
-            for p in self.params:
-                p.grad = None
+            self.flat.grad.zero_()
             torch.where(ok, out.loss, 0.0).sum().backward()
-            norms = self.optimizer.clip_grad_norm_(self.hp["grad_clip"])
+            if self._clipping:
+                norms = self.optimizer.clip_grad_norm_(self.hp["grad_clip"])
+            else:
+                norms = self.optimizer.grad_norms()
             ok &= torch.isfinite(norms)
             # 4. update, then advance the clocks of live slots
             self.optimizer.step(torch.where(ok, lr, 0.0), ok)
@@ -279,8 +310,7 @@ class Population:
 
     @torch.no_grad()
     def _keep_best(self, improved: Tensor) -> None:
-        for p, b in zip(self.params, self.best):
-            b.copy_(torch.where(improved.view(-1, *([1] * (p.dim() - 1))), p, b))
+        self.best_flat.copy_(torch.where(improved.view(-1, 1), self.flat, self.best_flat))
 
     def run_epoch(self) -> list[EpochResult]:
         """Train and validate every running slot for one epoch; update best state, patience, status."""
@@ -332,7 +362,7 @@ class Population:
             "config": st.config.model_dump(mode="json"),
             "model": {n: p[slot].detach().cpu().clone() for n, p in zip(self.names, self.params)},
             "best": {n: b[slot].cpu().clone() for n, b in zip(self.names, self.best)},
-            "optimizer": self.optimizer.slot_state(slot),
+            "optimizer": self._optimizer_state(slot),
             "step": int(self.step[slot]),
             "epoch": st.epoch,
             "status": st.status,
@@ -342,6 +372,29 @@ class Population:
             "bad_epochs": st.bad_epochs,
             "history": [dict(r) for r in st.history],
         }
+
+    def _optimizer_state(self, slot: int) -> dict[str, Any]:
+        """The optimizer's slot state with each flat moment split per named parameter, so that it
+        loads into a population with other latent/hidden maxima (another layout of the flat vector)."""
+        out: dict[str, Any] = {}
+        for key, value in self.optimizer.slot_state(slot).items():
+            if key.endswith(".0"):  # a moment of the flat parameter, (P,)
+                out[key] = {
+                    n: value[a:b].view(p.shape[1:]).clone()
+                    for n, p, (a, b) in zip(self.names, self.params, self.offsets)
+                }
+            else:
+                out[key] = value
+        return out
+
+    def _load_optimizer_state(self, slot: int, saved: dict[str, Any]) -> None:
+        state = {}
+        for key, value in saved.items():
+            if isinstance(value, dict):
+                state[key] = torch.cat([_fit(value[n], p.shape[1:]).flatten() for n, p in zip(self.names, self.params)])
+            else:
+                state[key] = value
+        self.optimizer.load_slot_state(slot, state)
 
     @torch.no_grad()
     def load_slot_checkpoint(self, slot: int, ckpt: dict[str, Any]) -> None:
@@ -356,8 +409,7 @@ class Population:
         for n, p, b in zip(self.names, self.params, self.best):
             p[slot] = _fit(ckpt["model"][n], shapes[n]).to(self.device)
             b[slot] = _fit(ckpt["best"][n], shapes[n]).to(self.device)
-        opt = {k: _fit(v, self.optimizer.slot_state(slot)[k].shape) for k, v in ckpt["optimizer"].items()}
-        self.optimizer.load_slot_state(slot, opt)
+        self._load_optimizer_state(slot, ckpt["optimizer"])
         self.step[slot] = ckpt["step"]
         self.epoch[slot] = ckpt["epoch"]
         st = self.state[slot]

@@ -126,7 +126,7 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------------------------ networks
     def _dropout(self, h: Tensor, key: Tensor | None, layer: int) -> Tensor:
-        if key is None or not self._any_dropout:
+        if key is None or not self._any_dropout or not self.training:
             return h
         p = self.dropout_rate.view(-1, 1, 1)
         u = noise.uniform(noise.derive(key, _STREAM_DROPOUT, layer), tuple(h.shape[1:]))

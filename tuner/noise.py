@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["derive", "keys_from_seeds", "normal", "uniform"]
+__all__ = ["bernoulli", "derive", "keys_from_seeds", "normal", "uniform"]
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -83,3 +83,15 @@ def normal(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
     u1 = ((h1 >> 8) + 1).to(torch.float32) * _TWO_POW_M24  # (0, 1]: log is finite
     u2 = (h2 >> 8).to(torch.float32) * _TWO_POW_M24
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def bernoulli(keys: Tensor, probs: Tensor) -> Tensor:
+    """(S, *shape) draws of 1.0 with probability probs (same shape), else 0.0.
+
+    Two 16-bit uniforms per hash along the last axis: half the hashing of :func:`uniform`, and
+    16 bits resolve any 8-bit pixel intensity (the binarization use) far below its quantization.
+    """
+    *lead, d = probs.shape[1:]
+    h = _bits(keys, (*lead, (d + 1) // 2))
+    u = torch.stack(((h & 0xFFFF), (h >> 16)), dim=-1).flatten(-2)[..., :d]
+    return ((u.to(torch.float32) + 0.5) * (1.0 / 65536) < probs).to(probs.dtype)

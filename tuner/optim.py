@@ -36,8 +36,12 @@ class StackedOptimizer:
     """Adam / AdamW / SGD-with-momentum over parameters whose dim 0 is the slot axis."""
 
     def __init__(
-        self, params: list[torch.nn.Parameter], kind: Literal["adam", "adamw", "sgd"], slots: int
+        self, params: list[torch.nn.Parameter], kind: Literal["adam", "adamw", "sgd"], slots: int,
+        fused: bool | None = None,
     ) -> None:
+        """fused: update each active slot with PyTorch's fused kernel (one pass over p, g and the
+        moments, host-side per-slot scalars); None picks it on CPU, where reading the (S,) lr and
+        active flags is free, and the vectorized all-slots update on GPUs, where it would sync."""
         params = list(params)
         if kind not in OPTIMIZERS:
             raise TunerError(f"optimizer kind must be one of {list(OPTIMIZERS)}, but got {kind=}")
@@ -52,6 +56,7 @@ class StackedOptimizer:
         self.params = params
         self.kind = kind
         self.slots = slots
+        self.fused = device.type == "cpu" if fused is None else fused
         # per-slot hyperparameters and clock, (S,) float32; defaults as tuner.spec.OptimConfig
         f32 = dict(dtype=torch.float32, device=device)
         self.beta1 = torch.full((slots,), 0.9, **f32)
@@ -60,11 +65,14 @@ class StackedOptimizer:
         self.weight_decay = torch.zeros(slots, **f32)
         self.momentum = torch.full((slots,), 0.9, **f32)
         self.steps = torch.zeros(slots, **f32)  # updates taken since the slot's last reset
+        self._decay = False  # host-side: does any slot use weight decay (skips a pass when none does)
         # state per parameter, allocated up front (graph-safe: no lazy init inside step)
         names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
         self.state: dict[str, list[Tensor]] = {
             name: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params] for name in names
         }
+        # reused temporaries: a fresh multi-MB tensor per step costs page faults on every step
+        self._scratch = [torch.empty_like(p) for p in params] if kind != "sgd" else []
 
     # ---- per-slot configuration ---------------------------------------------------------------
 
@@ -86,6 +94,7 @@ class StackedOptimizer:
             )
         for name, value in zip(_HYPERPARAMETERS, (*betas, eps, weight_decay, momentum)):
             getattr(self, name)[slot] = value
+        self._decay = bool((self.weight_decay > 0).any())
 
     def reset_slot(self, slot: int) -> None:
         """Zero the slot's moments / momentum buffer and its step count (a refilled slot starts fresh)."""
@@ -105,6 +114,9 @@ class StackedOptimizer:
         hold. Parameters without a gradient are skipped.
         """
         self.steps.copy_(self.steps + active.to(self.steps.dtype))
+        if self.fused:
+            self._fused_step(lr, active)
+            return
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -115,34 +127,77 @@ class StackedOptimizer:
             else:
                 self._adam(p, i, lr.view(view), on, view)
 
+    def _fused_step(self, lr: Tensor, active: Tensor) -> None:
+        """One fused kernel call per active slot over that slot's rows (inactive: not touched)."""
+        # note: .tolist() is a host sync, free on CPU; the vectorized path avoids it on GPUs
+        lrs, on = lr.tolist(), active.tolist()
+        hp = {name: getattr(self, name).tolist() for name in _HYPERPARAMETERS}
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        for s in (s for s in range(self.slots) if on[s]):
+            params = [self.params[i][s] for i in live]
+            grads = [self.params[i].grad[s] for i in live]
+            if self.kind == "sgd":
+                # momentum 0 is plain SGD, for which the kernel takes no buffers
+                buffers = [self.state["momentum_buffer"][i][s] for i in live] if hp["momentum"][s] > 0 else []
+                torch._fused_sgd_(
+                    params, grads, buffers,
+                    weight_decay=hp["weight_decay"][s], momentum=hp["momentum"][s], lr=lrs[s], dampening=0.0,
+                    nesterov=False, maximize=False, is_first_step=False,  # zeroed buffer: b = g on step 1
+                )
+                continue
+            fused = torch._fused_adam_ if self.kind == "adam" else torch._fused_adamw_
+            fused(
+                params, grads, [self.state["exp_avg"][i][s] for i in live],
+                [self.state["exp_avg_sq"][i][s] for i in live], [], [self.steps[s]] * len(live),
+                lr=lrs[s], beta1=hp["beta1"][s], beta2=hp["beta2"][s], weight_decay=hp["weight_decay"][s],
+                eps=hp["eps"][s], amsgrad=False, maximize=False,
+            )
+
     def _adam(self, p: Tensor, i: int, lr: Tensor, on: Tensor, view: tuple[int, ...]) -> None:
+        # In-place passes with per-slot coefficients that are exactly 0 (or 1) for inactive slots,
+        # instead of computing new tensors and picking with torch.where: ~9 passes, few allocations.
         exp_avg, exp_avg_sq = self.state["exp_avg"][i], self.state["exp_avg_sq"][i]
+        on_f = on.to(p.dtype)
         beta1, beta2 = self.beta1.view(view), self.beta2.view(view)
-        eps, wd = self.eps.view(view), self.weight_decay.view(view)
-        # inactive slots did not advance; clamp so their (discarded) branch does not divide by 0
+        wd = self.weight_decay.view(view)
+        # inactive slots did not advance; clamp so their (unused) bias corrections stay finite
         steps = self.steps.clamp_min(1.0).view(view)
-        grad = p.grad
-        if self.kind == "adam":
-            grad = grad + wd * p  # L2 penalty in the gradient
-            param = p
-        else:
-            param = p * (1.0 - lr * wd)  # AdamW: decoupled weight decay
-        m = torch.lerp(exp_avg, grad, 1.0 - beta1)  # (S, ...) first moment
-        v = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad  # (S, ...) second moment
-        bias1 = 1.0 - beta1**steps
-        bias2_sqrt = (1.0 - beta2**steps).sqrt()
-        param = param - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps)
-        exp_avg.copy_(torch.where(on, m, exp_avg))
-        exp_avg_sq.copy_(torch.where(on, v, exp_avg_sq))
-        p.copy_(torch.where(on, param, p))
+        # an inactive slot's gradient may hold NaN/Inf or values whose square overflows: select 0
+        # for it (a select, not a product: 0 * NaN is NaN), so every update term of it is exactly 0
+        grad = torch.where(on, p.grad, 0.0)
+        if self.kind == "adam" and self._decay:
+            grad.addcmul_(p, wd)  # L2 penalty in the gradient
+        exp_avg.lerp_(grad, (1.0 - beta1) * on_f)  # (S, ...) first moment; weight 0 keeps it exactly
+        scratch = torch.mul(grad, grad, out=self._scratch[i])
+        exp_avg_sq.lerp_(scratch, (1.0 - beta2) * on_f)  # second moment
+        # p -= step * m / (sqrt(v) / bc2 + eps)  with  step = lr / bc1, written as
+        # p -= m / ((sqrt(v) + eps * bc2) / (bc2 * step)): the divisor is > 0 before the last
+        # division, so an inactive slot (step 0) gets +inf and an update of exactly 0
+        bc2 = (1.0 - beta2**steps).sqrt()
+        step_size = (lr / (1.0 - beta1**steps)) * on_f  # (S, 1, ...)
+        denom = torch.sqrt(exp_avg_sq, out=scratch).add_(self.eps.view(view) * bc2).div_(bc2 * step_size)
+        if self.kind == "adamw" and self._decay:
+            p.mul_(1.0 - lr * wd * on_f)  # decoupled weight decay
+        p.addcdiv_(exp_avg, denom, value=-1.0)
 
     def _sgd(self, p: Tensor, i: int, lr: Tensor, on: Tensor, view: tuple[int, ...]) -> None:
         buf = self.state["momentum_buffer"][i]
-        grad = p.grad + self.weight_decay.view(view) * p
-        # b = momentum * b + g; a zeroed buffer makes the first step b = g, as torch.optim.SGD
-        b = buf * self.momentum.view(view) + grad
-        buf.copy_(torch.where(on, b, buf))
-        p.copy_(torch.where(on, p - lr * b, p))
+        on_f = on.to(p.dtype)
+        grad = torch.where(on, p.grad, 0.0)
+        if self._decay:
+            grad.addcmul_(p, self.weight_decay.view(view))
+        # b = momentum * b + g (inactive: b * 1 + 0); a zeroed buffer makes the first step b = g
+        buf.mul_(torch.where(on, self.momentum.view(view), 1.0)).addcmul_(grad, on_f)
+        p.addcmul_(buf, -lr * on_f)
+
+    @torch.no_grad()
+    def grad_norms(self) -> Tensor:
+        """Each slot's global gradient norm over all parameters, (S,) (NaN/Inf where a slot's are)."""
+        sq = torch.zeros(self.slots, dtype=torch.float32, device=self.steps.device)
+        for p in self.params:
+            if p.grad is not None:
+                sq = sq + torch.linalg.vector_norm(p.grad.reshape(self.slots, -1), dim=1).float().square()
+        return sq.sqrt()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: Tensor) -> Tensor:
@@ -153,10 +208,7 @@ class StackedOptimizer:
         left as is (its update is the NaN guard's business, not its neighbours').
         """
         grads = [p.grad for p in self.params if p.grad is not None]
-        sq = torch.zeros(self.slots, dtype=torch.float32, device=self.steps.device)
-        for g in grads:
-            sq = sq + g.reshape(self.slots, -1).float().pow(2).sum(dim=1)
-        norms = sq.sqrt()  # (S,)
+        norms = self.grad_norms()  # (S,)
         clip = (max_norm > 0) & torch.isfinite(max_norm) & torch.isfinite(norms)
         coef = torch.where(clip, (max_norm / (norms + _CLIP_EPS)).clamp(max=1.0), 1.0)  # (S,)
         for g in grads:
@@ -202,3 +254,4 @@ class StackedOptimizer:
                 buf[slot].copy_(value)
         for name in ("steps", *_HYPERPARAMETERS):
             getattr(self, name)[slot] = state[name].to(torch.float32)
+        self._decay = bool((self.weight_decay > 0).any())

@@ -90,7 +90,7 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(128, ge=1, le=65536)
+    batch_size: int = Field(64, ge=1, le=65536)
     warmup_epochs: float = Field(0.0, ge=0.0)
     decay: Literal["constant", "cosine", "step"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
