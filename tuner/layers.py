@@ -45,45 +45,35 @@ class StackedLinear(nn.Module):
 
 
 class StackedConv2d(nn.Module):
-    """Grouped conv, one group per slot.  x (B, S*C_in, H, W) -> (B, S*C_out, H', W')."""
+    """Grouped (transposed) conv, one group per slot.  x (B, S*C_in, H, W) -> (B, S*C_out, H', W')."""
+
+    transposed = False
 
     def __init__(self, slots: int, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> None:
         super().__init__()
         self.slots, self.stride, self.padding = slots, stride, padding
-        self.weight = nn.Parameter(torch.zeros(slots, c_out, c_in, kernel, kernel))
+        # conv weights are (C_out, C_in, k, k) per group, transposed ones (C_in, C_out, k, k)
+        pair = (c_in, c_out) if self.transposed else (c_out, c_in)
+        self.fan_in = c_in * kernel * kernel
+        self.weight = nn.Parameter(torch.zeros(slots, *pair, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(slots, c_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.flatten(0, 1)  # (S*C_out, C_in, k, k)
-        return F.conv2d(x, w, self.bias.flatten(), self.stride, self.padding, groups=self.slots)
+        conv = F.conv_transpose2d if self.transposed else F.conv2d
+        w = self.weight.flatten(0, 1)  # (S*first, second, k, k): one group per slot
+        return conv(x, w, self.bias.flatten(), self.stride, self.padding, groups=self.slots)
 
     @torch.no_grad()
     def init_slot(self, slot: int, generator: torch.Generator) -> None:
-        _, c_out, c_in, k, _ = self.weight.shape
-        bound = 1.0 / math.sqrt(c_in * k * k)
-        self.weight[slot] = _uniform((c_out, c_in, k, k), bound, generator)
-        self.bias[slot] = _uniform((c_out,), bound, generator)
+        bound = 1.0 / math.sqrt(self.fan_in)
+        self.weight[slot] = _uniform(tuple(self.weight.shape[1:]), bound, generator)
+        self.bias[slot] = _uniform(tuple(self.bias.shape[1:]), bound, generator)
 
 
-class StackedConvTranspose2d(nn.Module):
-    """Grouped transposed conv, one group per slot.  x (B, S*C_in, H, W) -> (B, S*C_out, H', W')."""
+class StackedConvTranspose2d(StackedConv2d):
+    """Grouped transposed conv, one group per slot (the decoder's upsampling)."""
 
-    def __init__(self, slots: int, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> None:
-        super().__init__()
-        self.slots, self.stride, self.padding = slots, stride, padding
-        self.weight = nn.Parameter(torch.zeros(slots, c_in, c_out, kernel, kernel))
-        self.bias = nn.Parameter(torch.zeros(slots, c_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.flatten(0, 1)  # (S*C_in, C_out, k, k)
-        return F.conv_transpose2d(x, w, self.bias.flatten(), self.stride, self.padding, groups=self.slots)
-
-    @torch.no_grad()
-    def init_slot(self, slot: int, generator: torch.Generator) -> None:
-        _, c_in, c_out, k, _ = self.weight.shape
-        bound = 1.0 / math.sqrt(c_in * k * k)
-        self.weight[slot] = _uniform((c_in, c_out, k, k), bound, generator)
-        self.bias[slot] = _uniform((c_out,), bound, generator)
+    transposed = True
 
 
 def fold_slots(x: Tensor) -> Tensor:
