@@ -52,3 +52,33 @@ def splits_for():
         return load_splits(config.data, config.optim.batch_size)
 
     return make
+
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database (unique name) as a tuner storage URL; dropped afterwards.
+
+    Needs the server at 127.0.0.1:5432 (trust auth, user postgres): if it is down the test errors,
+    it is not skipped (CI starts the server).
+    """
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    name = f"tuner_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -69,8 +69,96 @@ def train(
     )
 
 
+StorageOption = Annotated[
+    Optional[str],
+    typer.Option("--storage", envvar="TUNER_STORAGE", help="Storage URL (default: the spec's, or sqlite:///storage/tuner.db)."),
+]
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML (see studies/).")],
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Local worker processes (default: the spec's).")] = None,
+    storage: StorageOption = None,
+    devices: Annotated[Optional[str], typer.Option(help="GPUs to use, e.g. 0,1: one worker per GPU.")] = None,
+    artifacts: Annotated[Optional[Path], typer.Option(help="Checkpoint/artifact root (default: beside the store).")] = None,
+) -> None:
+    """Create or resume a study and run local workers until its budget is met."""
+    from tuner.launch import launch
+    from tuner.ranking import ranking_frame
+    from tuner.spec import load_study_spec
+
+    spec = load_study_spec(spec_path)
+    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    result = launch(spec, workers=workers, storage_url=storage, devices=device_list, artifacts=artifacts,
+                    console=err_console)
+    frame = ranking_frame(result.study)
+    if not frame.empty:
+        shown = [c for c in frame.columns if c not in ("test_iwae_nll",)]
+        typer.echo(frame[shown].head(10).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if result.interrupted:
+        typer.echo(f"stopped; run `tuner run {spec_path}` again to continue the study")
+    elif any(code != 0 for code in result.exit_codes):
+        logs = ", ".join(str(p) for p, c in zip(result.logs, result.exit_codes) if c != 0)
+        raise TunerError(f"{sum(c != 0 for c in result.exit_codes)} worker(s) failed; see {logs}")
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Option("--study", help="Study name to join.")],
+    storage: StorageOption = None,
+    slots: Annotated[Optional[int], typer.Option(min=1, help="Trials trained at once (default: 1 on CPU, from memory on GPU).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default: the spec's).")] = None,
+    artifacts: Annotated[Optional[Path], typer.Option(help="Checkpoint/artifact root (default: beside the store).")] = None,
+) -> None:
+    """Join a study from any host and train its trials until the budget is met."""
+    import os
+    import signal
+
+    import torch
+
+    from tuner.storage import DEFAULT_URL
+    from tuner.worker import Worker
+
+    if os.environ.get("TUNER_THREADS"):
+        torch.set_num_threads(int(os.environ["TUNER_THREADS"]))
+    w = Worker(storage or DEFAULT_URL, study, slots=slots, device=device, artifacts=artifacts,
+               log=lambda line: typer.echo(line))
+
+    def stop(signum, frame) -> None:  # noqa: ANN001 - signal handler
+        typer.echo("stop requested: finishing the epoch, handing running trials back")
+        w.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    s = w.run()
+    typer.echo(f"worker done: {s.complete} complete, {s.pruned} pruned, {s.handed_back} handed back, "
+               f"{s.resumed} resumed, {s.model_epochs} model-epochs")
+
+
+@app.command()
+def status(storage: StorageOption = None) -> None:
+    """Studies in a store: trial counts, best value, live workers."""
+    from rich.table import Table
+
+    from tuner.storage import DEFAULT_URL, mask_url
+    from tuner.study import studies_status
+
+    url = storage or DEFAULT_URL
+    table = Table(title=f"studies in {mask_url(url)}")
+    for name in ("study", "complete", "pruned", "failed", "running", "waiting", "best", "live workers"):
+        table.add_column(name)
+    for row in studies_status(url):
+        table.add_row(*(str(v) for v in row))
+    Console().print(table)
+
+
 def main() -> None:
     """Console entry point: TunerError -> one line, exit 2."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     try:
         app()
     except TunerError as err:

@@ -27,7 +27,7 @@ from tuner.images import reconstruction_grid, save_grid
 from tuner.models import VAE
 from tuner.spec import TrainConfig, config_to_yaml, load_config, parse_config
 
-__all__ = ["TrainResult", "load_run", "resolve_device", "train_config"]
+__all__ = ["TrainResult", "load_run", "resolve_device", "save_atomic", "train_config"]
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _writable_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves a torn checkpoint."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -117,7 +117,7 @@ def train_config(
         for result in pop.run_epoch():
             if on_epoch is not None:
                 on_epoch(result)
-        _save_atomic(pop.slot_checkpoint(0), out_dir / "checkpoint.pt")
+        save_atomic(pop.slot_checkpoint(0), out_dir / "checkpoint.pt")
     train_s = time.perf_counter() - start
     state = pop.state[0]
     model = pop.slot_model(0, best=config.train.restore_best and state.best_epoch > 0)

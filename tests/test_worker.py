@@ -1,0 +1,234 @@
+"""Workers against real stores and real processes: budgets, pruning, NaN slots, kill -9 + resume,
+Ctrl-C hand-back, and bad input that leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from tuner.spec import parse_study_spec
+from tuner.study import create_or_resume
+from tuner.worker import Worker
+
+TUNER = [sys.executable, "-m", "tuner"]
+
+
+def study_yaml(tmp_path: Path, npz: Path, name: str, url: str, **over: Any) -> Path:
+    """A tiny study: a 1k-image MNIST slice, small MLPs, 3 epochs, fast heartbeats."""
+    spec: dict[str, Any] = {
+        "study": name,
+        "storage": url,
+        "base": {
+            "data": {"dataset": f"npz:{npz}"},
+            "model": {"hidden": 32, "depth": 1},
+            "optim": {"batch_size": 64},
+            "kl": {"schedule": "constant"},
+            "train": {"iwae_k": 5},
+        },
+        "space": {
+            "model.latent": {"type": "int", "low": 2, "high": 8},
+            "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        },
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "budget": {"trials": 4, "epochs": 3},
+        "workers": {"count": 2, "heartbeat_interval": 1, "grace_period": 3},
+    }
+    for key, value in over.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([*TUNER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=url).get_trials()
+    except KeyError:  # the study is not created yet
+        return []
+
+
+def by_state(ts: list[optuna.trial.FrozenTrial], state: TrialState) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in ts if t.state == state]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_two_workers_complete_the_budget(store: str, tmp_path: Path, small_npz: Path, request) -> None:
+    url = f"sqlite:///{tmp_path}/s.db" if store == "sqlite" else request.getfixturevalue("pg_url")
+    spec = study_yaml(tmp_path, small_npz, "two", url)
+    proc = run_cli("run", str(spec), "--workers", "2", "--artifacts", str(tmp_path / "art"))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    ts = trials(url, "two")
+    complete = by_state(ts, TrialState.COMPLETE)
+    assert len(complete) >= 4 and len({t.number for t in ts}) == len(ts)
+    workers = {t.user_attrs["worker"] for t in complete}
+    assert len(workers) == 2  # both processes trained trials
+    for t in complete:
+        assert sorted(t.intermediate_values) == [1, 2, 3]  # val -ELBO reported every epoch
+        for key in ("iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed", "best_epoch",
+                    "wall_s", "device", "seed", "config_hash", "versions", "test_iwae_nll"):
+            assert key in t.user_attrs, key
+        assert t.values[0] == pytest.approx(t.user_attrs["iwae_nll"])
+        assert (tmp_path / "art" / "two" / str(t.number) / "checkpoint.pt").is_file()
+    assert "rank" in proc.stdout and "iwae_nll" in proc.stdout  # the ranking is printed at the end
+    # running it again continues the same study: the budget is met, nothing new is trained
+    again = run_cli("run", str(spec), "--workers", "2", "--artifacts", str(tmp_path / "art"))
+    assert again.returncode == 0 and len(trials(url, "two")) == len(ts)
+
+
+def test_bad_learning_rates_are_pruned_before_max_epochs(tmp_path: Path, small_npz: Path) -> None:
+    url = f"sqlite:///{tmp_path}/p.db"
+    spec = study_yaml(
+        tmp_path, small_npz, "prune", url,
+        space={"optim.lr": {"type": "categorical", "choices": [3e-3, 1e-6]}},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
+        budget={"trials": 6, "epochs": 6},
+    )
+    study = create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
+    study.enqueue_trial({"optim.lr": 3e-3})  # one good trial completes first: the pruner's reference
+    Worker(url, "prune", slots=1, device="cpu", artifacts=tmp_path / "art", log=lambda s: None).run()
+    ts = study.get_trials()
+    bad = [t for t in ts if t.params["optim.lr"] == 1e-6]
+    assert bad and ts[0].state == TrialState.COMPLETE
+    for t in bad:  # a learning rate 3000x too small is pruned at the first epoch the pruner looks at
+        assert t.state == TrialState.PRUNED
+        assert max(t.intermediate_values) <= 2 < 6
+        assert t.user_attrs["prune_reason"].startswith("pruned at epoch")
+        assert "by median" in t.user_attrs["prune_reason"]
+
+
+def test_nan_slot_is_pruned_with_a_reason_while_neighbours_finish(tmp_path: Path, small_npz: Path) -> None:
+    url = f"sqlite:///{tmp_path}/n.db"
+    spec = study_yaml(
+        tmp_path, small_npz, "nan", url,
+        space={"optim.lr": {"type": "categorical", "choices": [0.01, 10.0, 0.02]}},
+        base={"data": {"dataset": f"npz:{small_npz}"}, "model": {"hidden": 32, "depth": 1},
+              "optim": {"name": "sgd", "batch_size": 64}, "train": {"iwae_k": 5}},
+        sampler={"name": "grid", "seed": 0}, budget={"trials": 3, "epochs": 2},
+    )
+    study = create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
+    w = Worker(url, "nan", slots=3, device="cpu", artifacts=tmp_path / "art", log=lambda s: None)
+    w.run()
+    ts = study.get_trials()
+    bad = [t for t in ts if t.params["optim.lr"] == 10.0]  # SGD at lr 10 diverges in its first epoch
+    good = [t for t in ts if t.params["optim.lr"] != 10.0]
+    assert len(bad) == 1 and bad[0].state == TrialState.PRUNED
+    assert "non-finite" in bad[0].user_attrs["prune_reason"]
+    assert all(t.state == TrialState.COMPLETE for t in good) and len(good) == 2
+    # all three trained side by side in one population of 3
+    assert len({t.user_attrs["worker"] for t in ts}) == 1 and w.slots == 3
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_kill_9_mid_trial_is_retried_and_resumed(tmp_path: Path, small_npz: Path, pg_url: str) -> None:
+    url = pg_url
+    spec = study_yaml(tmp_path, small_npz, "kill", url, budget={"trials": 3, "epochs": 8})
+    create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
+    env = dict(os.environ, TUNER_STORAGE=url, PYTHONUNBUFFERED="1")
+    art = str(tmp_path / "art")
+    victim = subprocess.Popen([*TUNER, "worker", "--study", "kill", "--device", "cpu", "--artifacts", art],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # kill it once its first trial has checkpointed a few epochs
+    _wait_for(lambda: any(len(t.intermediate_values) >= 3 for t in trials(url, "kill")), 120, "3 epochs")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = [t for t in trials(url, "kill") if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+    survivor = run_cli("worker", "--study", "kill", "--device", "cpu", "--artifacts", art, env={"TUNER_STORAGE": url})
+    assert survivor.returncode == 0, survivor.stdout + survivor.stderr
+    ts = trials(url, "kill")
+    assert len(by_state(ts, TrialState.COMPLETE)) == 3
+    failed = by_state(ts, TrialState.FAIL)
+    assert [t.number for t in failed] == [killed[0].number]
+    retry = [t for t in ts if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == killed[0].params
+    assert "resumed from trial" in survivor.stdout
+    # resumed, not restarted: it inherited the epochs done before the kill and trained only the rest
+    assert sorted(retry[0].intermediate_values) == list(range(1, 9))
+
+
+def test_ctrl_c_hands_trials_back_and_rerun_continues(tmp_path: Path, small_npz: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    spec = study_yaml(tmp_path, small_npz, "ctrlc", url, budget={"trials": 3, "epochs": 30})
+    art = str(tmp_path / "art")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*TUNER, "run", str(spec), "--workers", "1", "--artifacts", art], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: Path(f"{tmp_path}/c.db").exists() and any(
+        len(t.intermediate_values) >= 2 for t in trials(url, "ctrlc")), 120, "2 epochs")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "run `tuner run" in out
+    ts = trials(url, "ctrlc")
+    assert not by_state(ts, TrialState.RUNNING)  # nothing left dangling
+    handed = [t for t in by_state(ts, TrialState.FAIL) if "handed_back" in t.user_attrs]
+    assert handed and len(by_state(ts, TrialState.FAIL)) == len(handed)
+    assert by_state(ts, TrialState.WAITING)  # its retry waits for the next run
+    again = run_cli("run", str(spec), "--workers", "1", "--artifacts", art, timeout=300)
+    assert again.returncode == 0, again.stderr
+    ts = trials(url, "ctrlc")
+    assert len(by_state(ts, TrialState.COMPLETE)) >= 3
+    resumed = [t for t in ts if t.system_attrs.get("failed_trial") == handed[0].number]
+    assert resumed and resumed[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize(
+    ("edit", "phrase"),
+    [
+        ({"storage": "mysql://nobody@nowhere/db"}, "not supported"),
+        ({"storage": "postgresql+psycopg://u:hunter2@127.0.0.1:1/db"}, "127.0.0.1:1"),
+        ({"base": {"data": {"dataset": "npz:/no/such.npz"}}}, "does not exist"),
+        ({"space": {"model.latent": {"type": "int", "low": 9, "high": 2}}}, "model.latent"),
+        ({"budget": {"trials": -1}}, "budget.trials"),
+    ],
+)
+def test_bad_input_one_line_exit_2_and_nothing_in_the_store(edit, phrase, tmp_path: Path, small_npz: Path) -> None:
+    db = tmp_path / "store" / "t.db"
+    spec = study_yaml(tmp_path, small_npz, "bad", f"sqlite:///{db}", **edit)
+    proc = run_cli("run", str(spec))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and phrase in lines[0], proc.stderr
+    assert "hunter2" not in proc.stderr
+    assert not db.exists()
+
+
+def test_existing_study_with_another_spec_is_refused(tmp_path: Path, small_npz: Path) -> None:
+    url = f"sqlite:///{tmp_path}/x.db"
+    create_or_resume(parse_study_spec(yaml.safe_load(study_yaml(tmp_path, small_npz, "same", url).read_text())))
+    other = study_yaml(tmp_path, small_npz, "same", url, budget={"trials": 9})
+    proc = run_cli("run", str(other))
+    assert proc.returncode == 2 and "exists" in proc.stderr and "another spec" in proc.stderr
+    assert len(trials(url, "same")) == 0
+
+
+def test_status_lists_studies(tmp_path: Path, small_npz: Path) -> None:
+    url = f"sqlite:///{tmp_path}/st.db"
+    create_or_resume(parse_study_spec(yaml.safe_load(study_yaml(tmp_path, small_npz, "listed", url).read_text())))
+    proc = run_cli("status", "--storage", url)
+    assert proc.returncode == 0 and "listed" in proc.stdout

@@ -1,0 +1,122 @@
+"""Start and watch local worker processes for a study (`tuner run`).
+
+One `tuner worker` process per slot of work: one per listed GPU (CUDA_VISIBLE_DEVICES), or N on
+CPU with the cores shared out (torch threads per worker). The storage URL reaches the workers
+through the environment, never the command line (`ps` would show a password). A live table reads
+the study's counts from the store; Ctrl-C asks every worker to stop cleanly (its running trials are
+checkpointed and handed back) and running `tuner run` again continues the study.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from tuner.spec import StudySpec
+from tuner.study import create_or_resume, study_counts
+from tuner.worker import artifacts_root
+
+__all__ = ["LaunchResult", "launch"]
+
+_STOP_WAIT_S = 120  # how long workers get to finish their epoch and hand trials back
+
+
+@dataclass
+class LaunchResult:
+    study: optuna.Study
+    exit_codes: list[int] = field(default_factory=list)
+    interrupted: bool = False
+    logs: list[Path] = field(default_factory=list)
+
+
+def _status_table(study: optuna.Study, spec: StudySpec, started: float, finished0: int, alive: int) -> Table:
+    counts = study_counts(study)
+    minutes = max((time.time() - started) / 60.0, 1e-9)
+    rate = (counts.finished - finished0) / minutes
+    left = max(spec.budget.trials - counts.finished, 0)
+    eta = f"{left / rate:.1f} min" if rate > 0 else "-"
+    try:
+        best = study.best_trial if spec.objective != "multi" else None
+        best_text = f"{best.value:.3f} (#{best.number})" if best else "-"
+    except ValueError:
+        best_text = "-"
+    table = Table(title=f"study {spec.study}: {counts.finished}/{spec.budget.trials} trials")
+    for name in ("complete", "pruned", "failed", "running", "waiting", "best", "trials/min", "ETA", "workers"):
+        table.add_column(name, justify="right")
+    table.add_row(str(counts.complete), str(counts.pruned), str(counts.failed), str(counts.running),
+                  str(counts.waiting), best_text, f"{rate:.1f}", eta, str(alive))
+    return table
+
+
+def _worker_env(storage_url: str, threads: int, device: str | None) -> dict[str, str]:
+    env = dict(os.environ, TUNER_STORAGE=storage_url, TUNER_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    return env
+
+
+def launch(
+    spec: StudySpec, *, workers: int | None = None, storage_url: str | None = None, devices: list[str] | None = None,
+    artifacts: str | Path | None = None, console: Console | None = None, refresh_s: float = 1.0,
+) -> LaunchResult:
+    """Create or resume the study, run `workers` local worker processes until the budget is met."""
+    console = console or Console(stderr=True)
+    url = storage_url or spec.storage
+    study = create_or_resume(spec, url)
+    result = LaunchResult(study=study)
+    if study_counts(study).finished >= spec.budget.trials:
+        return result
+    n = workers or (len(devices) if devices else spec.workers.count)
+    log_dir = artifacts_root(url, artifacts) / spec.study / "workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // n) if not devices else 1
+    procs = []
+    for i in range(n):
+        device = devices[i % len(devices)] if devices else None
+        cmd = [sys.executable, "-m", "tuner", "worker", "--study", spec.study]
+        cmd += ["--device", "cuda"] if device is not None else []
+        cmd += ["--artifacts", str(artifacts)] if artifacts else []
+        log = log_dir / f"worker-{int(time.time())}-{i}.log"
+        result.logs.append(log)
+        with open(log, "w") as out:
+            # own session: a terminal's Ctrl-C reaches the launcher only, which forwards exactly one SIGINT
+            procs.append(subprocess.Popen(
+                cmd, env=_worker_env(url, threads, device), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))
+    started, finished0 = time.time(), study_counts(study).finished
+    try:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while any(p.poll() is None for p in procs):
+                alive = sum(p.poll() is None for p in procs)
+                live.update(_status_table(study, spec, started, finished0, alive))
+                time.sleep(refresh_s)
+            live.update(_status_table(study, spec, started, finished0, 0))
+    except KeyboardInterrupt:
+        result.interrupted = True
+        console.print("stopping: workers finish their epoch and hand their trials back (Ctrl-C again to kill)")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.time() + _STOP_WAIT_S
+        try:
+            for p in procs:
+                try:
+                    p.wait(timeout=max(deadline - time.time(), 0.1))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        except KeyboardInterrupt:  # the second Ctrl-C: kill (the heartbeat check retries their trials)
+            for p in procs:
+                p.kill()
+    result.exit_codes = [p.wait() for p in procs]
+    return result

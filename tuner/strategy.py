@@ -1,0 +1,129 @@
+"""Sampler, pruner and directions from a study spec: pure factories, registered by name.
+
+Collapse as a constraint: a trial whose latent code collapsed (``user_attrs["collapsed"]``) is
+infeasible, so TPE models it apart from the good trials instead of learning from its (often fine)
+NLL. Optuna's convention: a trial is feasible when every constraint value is <= 0. Of our samplers
+only TPE reads constraints; random, grid, qmc and cmaes ignore them (Optuna's GP and NSGA-II/III
+samplers would read them too, but are not offered). Optuna 5 deprecates the samplers'
+``constraints_func`` (a FutureWarning; removal planned for 7.0) in favour of
+:meth:`optuna.Trial.set_constraint` on the running trial: :func:`mark_collapse` does that and is
+the way to use; ``build_sampler(constraints_func=...)`` still works while Optuna keeps it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+
+from optuna.pruners import (
+    BasePruner,
+    HyperbandPruner,
+    MedianPruner,
+    NopPruner,
+    PatientPruner,
+    PercentilePruner,
+    SuccessiveHalvingPruner,
+)
+from optuna.samplers import BaseSampler, CmaEsSampler, GridSampler, QMCSampler, RandomSampler, TPESampler
+from optuna.study import Study
+from optuna.trial import BaseTrial, FrozenTrial, Trial, TrialState
+
+from tuner import space
+from tuner.errors import TunerError
+from tuner.spec import PrunerSpec, StudySpec
+
+__all__ = ["COLLAPSE_CONSTRAINT", "build_pruner", "build_sampler", "collapse_constraint", "directions", "mark_collapse"]
+
+COLLAPSE_CONSTRAINT = "collapsed"  # the constraint's key: system attr "constraints:collapsed"
+
+ConstraintsFunc = Callable[[FrozenTrial], Sequence[float]]
+
+
+class _AskTellGridSampler(GridSampler):
+    """Optuna's GridSampler for ask/tell workers. Its after_trial calls ``study.stop()`` once the
+    grid is exhausted, which raises RuntimeError outside ``study.optimize`` (that is, in
+    ``study.tell``); here it does nothing, and a worker checks ``sampler.is_exhausted(study)``."""
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        return None
+
+
+def build_sampler(spec: StudySpec, constraints_func: ConstraintsFunc | None = None, *, worker: int = 0) -> BaseSampler:
+    """The spec's sampler for one worker process, seeded from sampler.seed.
+
+    worker: this process's index among the study's workers (0, 1, ...), or any int unique to it
+    (a pid). tpe, random and cmaes get seed + worker: workers with one seed propose the same
+    trials (their random startup trials are identical). grid and qmc keep sampler.seed on every
+    worker: their sequence is the study's, and a grid point's id means the same point only under
+    the same shuffle. grid: a GridSampler that never stops the study itself (stopping raises in
+    ``study.tell``); ask ``sampler.is_exhausted(study)`` before ``study.ask()``.
+    constraints_func goes to TPE only (the one sampler here that takes it); the others ignore it.
+    """
+    s = spec.sampler
+    own_seed = (s.seed + worker) % 2**32  # numpy's seed range
+    match s.name:
+        case "tpe":
+            return TPESampler(
+                seed=own_seed,
+                n_startup_trials=s.n_startup_trials,
+                multivariate=s.multivariate,
+                constant_liar=s.constant_liar,  # many trials run at once: treat running ones as bad
+                constraints_func=constraints_func,
+            )
+        case "random":
+            return RandomSampler(seed=own_seed)
+        case "grid":
+            return _AskTellGridSampler(space.grid(spec), seed=s.seed)
+        case "cmaes":
+            if importlib.util.find_spec("cmaes") is None:
+                raise TunerError("sampler.name: cmaes needs the 'cmaes' package; pip install cmaes, or use tpe")
+            return CmaEsSampler(seed=own_seed, n_startup_trials=s.n_startup_trials)
+        case "qmc":
+            return QMCSampler(qmc_type=s.qmc_type, scramble=s.scramble, seed=s.seed)
+    raise AssertionError(f"unreachable: sampler {s.name!r} passed validation")
+
+
+def _pruner(p: PrunerSpec, name: str, epochs: int) -> BasePruner | None:
+    match name:
+        case "median":
+            return MedianPruner(p.n_startup_trials, p.n_warmup_steps, p.interval_steps)
+        case "percentile":
+            return PercentilePruner(p.percentile, p.n_startup_trials, p.n_warmup_steps, p.interval_steps)
+        case "successive_halving":
+            return SuccessiveHalvingPruner(p.min_resource, p.reduction_factor, p.min_early_stopping_rate)
+        case "hyperband":
+            # "auto" is known up front: Optuna's own auto waits for a finished trial, so a
+            # population that starts together would prune nothing until then
+            top = epochs if p.max_resource == "auto" else p.max_resource
+            return HyperbandPruner(p.min_resource, top, p.reduction_factor)
+        case _:  # "none"
+            return None
+
+
+def build_pruner(spec: StudySpec) -> BasePruner:
+    """The spec's pruner; ``none`` is Optuna's NopPruner; ``patient`` wraps pruner.wrapped
+    (wrapped ``none``: patience alone decides)."""
+    p = spec.pruner
+    if p.name == "patient":
+        return PatientPruner(_pruner(p, p.wrapped, spec.budget.epochs), p.patience, p.min_delta)
+    return _pruner(p, p.name, spec.budget.epochs) or NopPruner()
+
+
+def directions(spec: StudySpec) -> list[str]:
+    """Study directions: NLL (nats) is minimized; ``multi`` adds the inactive latent fraction."""
+    return ["minimize", "minimize"] if spec.objective == "multi" else ["minimize"]
+
+
+def collapse_constraint(trial: BaseTrial) -> list[float]:
+    """[1.0] for a collapsed trial (infeasible), [-1.0] for a healthy one, [0.0] when unknown
+    (pruned or failed before the verdict: feasible, so it is judged by its values alone)."""
+    collapsed = trial.user_attrs.get("collapsed")
+    if collapsed is None:
+        return [0.0]
+    return [1.0] if collapsed else [-1.0]
+
+
+def mark_collapse(trial: Trial) -> None:
+    """Store the collapse constraint on a running trial (call after setting user attr
+    ``collapsed``, before ``study.tell``): Optuna 5's replacement for constraints_func."""
+    trial.set_constraint(COLLAPSE_CONSTRAINT, collapse_constraint(trial)[0])

@@ -1,0 +1,356 @@
+"""The loop tying Optuna to populations: ask, train, report, prune, tell, refill.
+
+A worker holds up to `slots` running trials in populations (one per shape) and steps them epoch by
+epoch. Every epoch each trial reports its validation -ELBO (beta = 1) and is asked `should_prune`;
+a pruned, diverged or finished trial leaves its slot, which is refilled by `study.ask()` at once.
+Each trial's slot is checkpointed every epoch under ``<artifacts>/<study>/<trial>/``, and a
+heartbeat thread keeps its trial alive in the store: a worker killed with -9 loses at most the
+epoch in flight. Its trials go stale, `fail_stale_trials` (run by every worker) fails them, Optuna's
+RetryHeartbeatStaleTrialCallback enqueues a copy, and whichever worker asks next resumes the copy
+from the dead trial's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import fail_stale_trials
+from optuna.trial import TrialState
+
+from tuner import __version__, metrics, space, strategy
+from tuner.data import Splits, load_splits
+from tuner.engine import Population, PopulationShape
+from tuner.errors import TunerError
+from tuner.spec import DataConfig, StudySpec, TrainConfig, config_to_yaml
+from tuner.storage import mask_url, open_storage
+from tuner.study import load_study, started_at, study_counts
+from tuner.train import resolve_device, save_atomic
+
+__all__ = ["Worker", "WorkerSummary", "artifacts_root", "auto_slots"]
+
+# ask/tell with a heartbeat storage is what Optuna's own optimize() does internally; its warnings
+# about it (and about the experimental stale-trial check) would repeat on every trial
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+_POLL_S = 1.0  # idle wait while other workers run the study's last trials
+
+
+def artifacts_root(storage_url: str, override: str | Path | None = None) -> Path:
+    """Where checkpoints live: --artifacts / $TUNER_ARTIFACTS, else `artifacts/` beside a SQLite
+    file, else ./storage/artifacts (point it at shared disk when workers run on many hosts)."""
+    chosen = override or os.environ.get("TUNER_ARTIFACTS")
+    if chosen:
+        return Path(chosen)
+    if storage_url.startswith("sqlite:///"):
+        return Path(storage_url.removeprefix("sqlite:///")).parent / "artifacts"
+    return Path("storage") / "artifacts"
+
+
+def auto_slots(device: torch.device, spec: StudySpec, data_dim: int) -> int:
+    """Slots per worker: 1 on CPU; on a GPU as many as half the free memory holds (capped by the spec).
+
+    Per slot: 6 copies of the weights (weights, gradient, two Adam moments, best weights, scratch)
+    plus the activations of one batch (a generous 8 floats per unit per example).
+    """
+    if device.type != "cuda":
+        return spec.workers.slots or 1
+    if spec.workers.slots:
+        return min(spec.workers.slots, spec.workers.max_slots)
+    latent, hidden = space.size_bounds(spec)
+    depth = spec.base.model.depth
+    weights = data_dim * hidden * 2 + hidden * hidden * 2 * max(depth - 1, 0) + hidden * latent * 3
+    batch = spec.base.optim.batch_size
+    per_slot = 4 * (6 * weights + 8 * batch * (2 * data_dim + 2 * depth * hidden))
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(spec.workers.max_slots, int(0.5 * free // per_slot)))
+
+
+class _Heartbeats:
+    """One thread recording heartbeats for every trial this worker runs (epochs may be long)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage) -> None:
+        self._storage, self._ids, self._lock = storage, set(), threading.Lock()
+        self._stop = threading.Event()
+        self._interval = storage.get_heartbeat_interval() or 60
+        self._thread = threading.Thread(target=self._run, name="tuner-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self._ids.add(trial_id)
+        self._storage.record_heartbeat(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self._ids.discard(trial_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                ids = list(self._ids)
+            for trial_id in ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried next interval; the grace period covers it
+                    pass
+
+
+@dataclass
+class _Running:
+    trial: optuna.Trial
+    config: TrainConfig
+    key: tuple[PopulationShape, DataConfig]
+    slot: int
+    started: float
+    resumed_from: int | None
+
+
+@dataclass
+class WorkerSummary:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    handed_back: int = 0
+    resumed: int = 0
+    model_epochs: int = 0
+    trials: list[int] = field(default_factory=list)
+
+
+class Worker:
+    """Joins a study by storage URL and name and trains its trials until the budget is met."""
+
+    def __init__(
+        self, storage_url: str, study_name: str, *, slots: int | None = None, device: str | None = None,
+        artifacts: str | Path | None = None, log: Callable[[str], None] = print,
+    ) -> None:
+        _, spec = load_study(storage_url, study_name)
+        # the spec says how often to beat and when a silent trial counts as dead
+        self.storage = open_storage(
+            storage_url, heartbeat_interval=spec.workers.heartbeat_interval, grace_period=spec.workers.grace_period
+        )
+        self.study, self.spec = load_study(storage_url, study_name, storage=self.storage, worker=os.getpid())
+        self.url, self.log = storage_url, log
+        self.device = resolve_device(device or self.spec.workers.device)
+        self.artifacts = artifacts_root(storage_url, artifacts) / study_name
+        self.latent_max, self.hidden_max = space.size_bounds(self.spec)
+        self.splits: dict[DataConfig, Splits] = {}
+        self.populations: dict[tuple[PopulationShape, DataConfig], Population] = {}
+        self.running: dict[tuple[tuple[PopulationShape, DataConfig], int], _Running] = {}
+        self.slots = slots or auto_slots(self.device, self.spec, self._splits(self.spec.base.data).dim)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.summary = WorkerSummary()
+        self._stop = threading.Event()
+        self._deadline = started_at(self.study) + self.spec.budget.timeout if self.spec.budget.timeout else math.inf
+
+    # ------------------------------------------------------------------------------ the loop
+    def request_stop(self) -> None:
+        """Finish the epoch in flight, checkpoint and hand back running trials, then return."""
+        self._stop.set()
+
+    def run(self) -> WorkerSummary:
+        self.log(
+            f"worker {self.worker_id}: study '{self.study.study_name}' in {mask_url(self.url)}, "
+            f"device {self.device}, {self.slots} slot(s)"
+        )
+        last_stale_check = 0.0
+        with _Heartbeats(self.storage) as self._heartbeats:
+            while True:
+                if time.monotonic() - last_stale_check > _POLL_S * 5:
+                    fail_stale_trials(self.study)  # retries the trials of workers that died
+                    last_stale_check = time.monotonic()
+                if not self._stop.is_set():
+                    self._fill()
+                if self._stop.is_set():
+                    self._hand_back()
+                    break
+                if self.running:
+                    self._epoch()
+                elif self._budget_met():
+                    break
+                else:
+                    time.sleep(_POLL_S)  # other workers hold the last trials: retry them if they die
+        return self.summary
+
+    def _budget_met(self) -> bool:
+        return time.time() > self._deadline or study_counts(self.study).finished >= self.spec.budget.trials
+
+    def _may_ask(self) -> bool:
+        if time.time() > self._deadline:
+            return False
+        counts = study_counts(self.study)
+        return counts.waiting > 0 or counts.finished + counts.running < self.spec.budget.trials
+
+    def _fill(self) -> None:
+        """Refill free slots with new (or retried) trials while the budget allows."""
+        while len(self.running) < self.slots and self._may_ask():
+            trial = self.study.ask()
+            # beat at once: a trial without any heartbeat never goes stale, so a worker dying
+            # before its first beat would leave the trial RUNNING forever
+            self._heartbeats.add(trial._trial_id)
+            try:
+                self._start(trial)
+            except TunerError as err:
+                # a config this host cannot train (data missing here, batch larger than the split...)
+                trial.set_user_attr("error", str(err))
+                self.study.tell(trial, state=TrialState.FAIL)
+                self._heartbeats.discard(trial._trial_id)
+                self.summary.failed += 1
+                self.log(f"trial {trial.number} failed: {err}")
+                raise
+
+    # ----------------------------------------------------------------------------- a trial
+    def _splits(self, data: DataConfig) -> Splits:
+        if data not in self.splits:
+            self.splits[data] = load_splits(data, 1, self.device)
+        return self.splits[data]
+
+    def _population(self, config: TrainConfig) -> tuple[tuple[PopulationShape, DataConfig], Population]:
+        key = (PopulationShape.of(config), config.data)
+        if key not in self.populations:
+            self.populations[key] = Population(
+                key[0], self._splits(config.data), slots=self.slots, latent_max=self.latent_max,
+                hidden_max=self.hidden_max, device=self.device,
+            )
+        return key, self.populations[key]
+
+    def _checkpoint_path(self, number: int) -> Path:
+        return self.artifacts / str(number) / "checkpoint.pt"
+
+    def _start(self, trial: optuna.Trial) -> None:
+        params = space.sample(trial, self.spec)
+        seed = int(trial.user_attrs.get("seed", self.spec.base.seed + trial.number))
+        config = self.spec.train_config(params, seed)
+        splits = self._splits(config.data)
+        if splits.train.shape[0] < config.optim.batch_size:
+            raise TunerError(
+                f"optim.batch_size {config.optim.batch_size} is larger than the {splits.train.shape[0]}-example "
+                "train split; lower the space's batch sizes"
+            )
+        key, pop = self._population(config)
+        slot = next(s for s in range(pop.slots) if (key, s) not in self.running)
+        history = self.storage.get_trial(trial._trial_id).system_attrs.get("retry_history", [])
+        resumed = next((n for n in reversed(history) if self._checkpoint_path(n).is_file()), None)
+        if resumed is not None:
+            ckpt = torch.load(self._checkpoint_path(resumed), map_location="cpu", weights_only=True)
+            pop.load_slot_checkpoint(slot, ckpt)
+            self.summary.resumed += 1
+        else:
+            pop.assign(slot, config)
+        for name, value in (("seed", seed), ("worker", self.worker_id), ("device", str(self.device)),
+                            ("config", config.model_dump(mode="json"))):
+            trial.set_user_attr(name, value)
+        self.running[(key, slot)] = _Running(trial, config, key, slot, time.time(), resumed)
+        self.log(f"trial {trial.number} started" + (f" (resumed from trial {resumed}, epoch {pop.state[slot].epoch})"
+                                                     if resumed is not None else ""))
+
+    def _epoch(self) -> None:
+        """One epoch of every population with running trials; report, prune, finish, checkpoint."""
+        for key, pop in self.populations.items():
+            if not pop.running():
+                continue
+            for r in pop.run_epoch():
+                run = self.running[(key, r.slot)]
+                self.summary.model_epochs += 1
+                # report, then checkpoint: a kill in between re-trains this epoch on resume, and the
+                # counter-based noise makes that epoch's numbers the same as the ones reported
+                if math.isfinite(r.val_neg_elbo):
+                    run.trial.report(r.val_neg_elbo, r.epoch)
+                path = self._checkpoint_path(run.trial.number)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_atomic(pop.slot_checkpoint(r.slot), path)
+                if r.status == "stopped":
+                    self._end(run, pop, TrialState.PRUNED, reason=r.reason)
+                elif r.status == "finished":
+                    self._complete(run, pop)
+                elif self.spec.objective != "multi" and run.trial.should_prune():
+                    reason = f"pruned at epoch {r.epoch} by {self.spec.pruner.name}: val -ELBO {r.val_neg_elbo:.2f}"
+                    self._end(run, pop, TrialState.PRUNED, reason=reason)
+
+    def _complete(self, run: _Running, pop: Population) -> None:
+        state = pop.state[run.slot]
+        model = pop.slot_model(run.slot, best=run.config.train.restore_best and state.best_epoch > 0)
+        splits, k, seed = pop.splits, run.config.train.iwae_k, run.config.seed
+        val = metrics.evaluate(model, splits.val, k=k, seed=seed).slot(0)
+        test = metrics.evaluate(model, splits.test, k=k, seed=seed).slot(0)
+        attrs: dict[str, Any] = dict(val)
+        attrs.update({f"test_{name}": test[name] for name in ("iwae_nll", "neg_elbo", "recon", "kl", "active_units")})
+        attrs.update(best_epoch=state.best_epoch, best_val_neg_elbo=state.best_val, epochs=state.epoch,
+                     end_reason=state.reason)
+        if self.spec.objective == "iwae_nll":
+            values: list[float] = [val["iwae_nll"]]
+        elif self.spec.objective == "neg_elbo":
+            values = [state.best_val]
+        else:
+            values = [val["iwae_nll"], val["inactive_fraction"]]
+        if not all(math.isfinite(v) for v in values):
+            self._end(run, pop, TrialState.PRUNED, reason=f"non-finite objective {values}")
+            return
+        self._end(run, pop, TrialState.COMPLETE, values=values, attrs=attrs)
+
+    def _end(
+        self, run: _Running, pop: Population, state: TrialState, *, values: list[float] | None = None,
+        reason: str | None = None, attrs: dict[str, Any] | None = None,
+    ) -> None:
+        trial, elapsed = run.trial, time.time() - run.started
+        attrs = dict(attrs or {})
+        config_yaml = config_to_yaml(run.config)
+        attrs.update(wall_s=round(elapsed, 3), config_hash=hashlib.sha256(config_yaml.encode()).hexdigest()[:16],
+                     versions={"tuner": __version__, "torch": torch.__version__, "optuna": optuna.__version__})
+        if reason is not None:
+            attrs["prune_reason"] = reason
+        for name, value in attrs.items():
+            trial.set_user_attr(name, value)
+        if state == TrialState.COMPLETE:
+            strategy.mark_collapse(trial)  # the sampler learns to avoid collapse (a constraint)
+        self.study.tell(trial, values, state=state)
+        self._release(run, pop)
+        if state == TrialState.COMPLETE:
+            self.summary.complete += 1
+            self.log(f"trial {trial.number} complete: {values} ({pop.state[run.slot].epoch} epochs, {elapsed:.1f} s)")
+        else:
+            self.summary.pruned += 1
+            self.log(f"trial {trial.number} pruned: {reason}")
+        self.summary.trials.append(trial.number)
+
+    def _release(self, run: _Running, pop: Population) -> None:
+        pop.release(run.slot)
+        self._heartbeats.discard(run.trial._trial_id)
+        del self.running[(run.key, run.slot)]
+
+    def _hand_back(self) -> None:
+        """Stop cleanly: every running trial is failed and re-enqueued; its checkpoint resumes it."""
+        retry = self.storage.get_heartbeat_stale_trial_callback()
+        for run in list(self.running.values()):
+            pop = self.populations[run.key]
+            path = self._checkpoint_path(run.trial.number)
+            if pop.state[run.slot].epoch > 0 and not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_atomic(pop.slot_checkpoint(run.slot), path)
+            run.trial.set_user_attr("handed_back", f"worker {self.worker_id} stopped at epoch {pop.state[run.slot].epoch}")
+            frozen = self.study.tell(run.trial, state=TrialState.FAIL)
+            if retry is not None:
+                retry(self.study, frozen)
+            self._release(run, pop)
+            self.summary.handed_back += 1
+            self.log(f"trial {run.trial.number} handed back at epoch {pop.state[run.slot].epoch}")
+
