@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 $(VENV): $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tuner train configs/mnist-mlp.yaml --out runs/demo --epochs 10
+	$(VENV)/bin/tuner run studies/mnist-quick.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -94,8 +94,13 @@ def run(
                     console=err_console)
     frame = ranking_frame(result.study)
     if not frame.empty:
-        shown = [c for c in frame.columns if c not in ("test_iwae_nll",)]
-        typer.echo(frame[shown].head(10).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        shown = ["rank", "trial", "iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed"]
+        params = [c for c in frame.columns if c.startswith("params.")]
+        top = frame[shown + params].head(10).rename(
+            columns={"active_units": "AU", "mutual_info": "MI", **{p: p.split(".")[-1] for p in params}}
+        )
+        typer.echo(f"top {len(top)} of {len(frame)} complete trials (collapsed last; values in nats, validation split):")
+        typer.echo(top.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if result.interrupted:
         typer.echo(f"stopped; run `tuner run {spec_path}` again to continue the study")
     elif any(code != 0 for code in result.exit_codes):

@@ -44,15 +44,15 @@ def _status_table(study: optuna.Study, spec: StudySpec, started: float, finished
     minutes = max((time.time() - started) / 60.0, 1e-9)
     rate = (counts.finished - finished0) / minutes
     left = max(spec.budget.trials - counts.finished, 0)
-    eta = f"{left / rate:.1f} min" if rate > 0 else "-"
+    eta = f"{left / rate:.1f}m" if rate > 0 else "-"
     try:
         best = study.best_trial if spec.objective != "multi" else None
-        best_text = f"{best.value:.3f} (#{best.number})" if best else "-"
+        best_text = f"{best.value:.2f} #{best.number}" if best else "-"
     except ValueError:
         best_text = "-"
     table = Table(title=f"study {spec.study}: {counts.finished}/{spec.budget.trials} trials")
-    for name in ("complete", "pruned", "failed", "running", "waiting", "best", "trials/min", "ETA", "workers"):
-        table.add_column(name, justify="right")
+    for name in ("complete", "pruned", "failed", "running", "waiting", "best", "per min", "ETA", "workers"):
+        table.add_column(name, justify="right", no_wrap=True)
     table.add_row(str(counts.complete), str(counts.pruned), str(counts.failed), str(counts.running),
                   str(counts.waiting), best_text, f"{rate:.1f}", eta, str(alive))
     return table
