@@ -236,3 +236,32 @@ def test_status_lists_studies(tmp_path: Path, small_npz: Path) -> None:
     create_or_resume(parse_study_spec(yaml.safe_load(study_yaml(tmp_path, small_npz, "listed", url).read_text())))
     proc = run_cli("status", "--storage", url)
     assert proc.returncode == 0 and "listed" in proc.stdout
+
+
+def test_shapes_get_their_own_populations_and_multi_objective(tmp_path: Path, small_npz: Path) -> None:
+    """Batch size is structural: two batch sizes give two populations in one worker. The multi
+    objective (NLL, inactive fraction) completes trials with two values and no pruning."""
+    url = f"sqlite:///{tmp_path}/m.db"
+    spec = study_yaml(
+        tmp_path, small_npz, "multi", url,
+        space={"optim.batch_size": {"type": "categorical", "choices": [32, 64]},
+               "model.latent": {"type": "int", "low": 2, "high": 8}},
+        objective="multi", budget={"trials": 2, "epochs": 2},
+    )
+    study = create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
+    study.enqueue_trial({"optim.batch_size": 32})
+    study.enqueue_trial({"optim.batch_size": 64})
+    w = Worker(url, "multi", slots=2, device="cpu", artifacts=tmp_path / "art", log=lambda s: None)
+    w.run()
+    assert len(w.populations) == 2  # one per batch size
+    assert {key[0].batch_size for key in w.populations} == {32, 64}
+    ts = study.get_trials()
+    assert len(by_state(ts, TrialState.COMPLETE)) == 2
+    for t in ts:
+        assert len(t.values) == 2
+        assert t.values[0] == pytest.approx(t.user_attrs["iwae_nll"])
+        assert t.values[1] == pytest.approx(t.user_attrs["inactive_fraction"])
+    # the Pareto front holds only feasible trials: collapsed ones violate the collapse constraint
+    healthy = {t.number for t in ts if not t.user_attrs["collapsed"]}
+    assert {t.number for t in study.best_trials} <= healthy
+    assert bool(study.best_trials) == bool(healthy)

@@ -273,8 +273,8 @@ class Worker:
                 self.summary.model_epochs += 1
                 # report, then checkpoint: a kill in between re-trains this epoch on resume, and the
                 # counter-based noise makes that epoch's numbers the same as the ones reported
-                if math.isfinite(r.val_neg_elbo):
-                    run.trial.report(r.val_neg_elbo, r.epoch)
+                if math.isfinite(r.val_neg_elbo) and self.spec.objective != "multi":
+                    run.trial.report(r.val_neg_elbo, r.epoch)  # (Optuna has no report for multi-objective)
                 path = self._checkpoint_path(run.trial.number)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_atomic(pop.slot_checkpoint(r.slot), path)
@@ -318,6 +318,8 @@ class Worker:
                      versions={"tuner": __version__, "torch": torch.__version__, "optuna": optuna.__version__})
         if reason is not None:
             attrs["prune_reason"] = reason
+        if self.spec.objective == "multi":  # no intermediate values there: keep the curve here
+            attrs["val_neg_elbo_curve"] = [row["val_neg_elbo"] for row in pop.state[run.slot].history]
         for name, value in attrs.items():
             trial.set_user_attr(name, value)
         if state == TrialState.COMPLETE:
