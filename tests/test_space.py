@@ -11,7 +11,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from tuner import space
 from tuner.errors import TunerError
-from tuner.spec import StudySpec, TrainConfig, parse_study_spec
+from tuner.spec import TrainConfig
+from tuner.study_spec import StudySpec, parse_study_spec
 from tuner.strategy import build_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

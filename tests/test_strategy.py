@@ -20,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 
 from tuner import space
 from tuner.errors import TunerError
-from tuner.spec import StudySpec, parse_study_spec
+from tuner.study_spec import StudySpec, parse_study_spec
 from tuner.strategy import build_pruner, build_sampler, collapse_constraint, directions, mark_collapse
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -17,7 +17,7 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from tuner.spec import parse_study_spec
+from tuner.study_spec import parse_study_spec
 from tuner.study import create_or_resume
 from tuner.worker import Worker
 

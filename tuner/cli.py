@@ -86,7 +86,7 @@ def run(
     """Create or resume a study and run local workers until its budget is met."""
     from tuner.launch import launch
     from tuner.ranking import ranking_frame
-    from tuner.spec import load_study_spec
+    from tuner.study_spec import load_study_spec
 
     spec = load_study_spec(spec_path)
     device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None

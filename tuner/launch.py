@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tuner.spec import StudySpec
+from tuner.study_spec import StudySpec
 from tuner.study import create_or_resume, study_counts
 from tuner.worker import artifacts_root
 

@@ -1,7 +1,7 @@
 """Search space -> Optuna: pure translators from a study spec's entries, testable without a study.
 
 Parameter names are the entries' dotted TrainConfig paths (``model.latent``), so a trial's params
-read as config overrides and :meth:`tuner.spec.StudySpec.train_config` applies them directly.
+read as config overrides and :meth:`tuner.study_spec.StudySpec.train_config` applies them directly.
 Conditional entries (``when``) depend on unconditioned categorical entries only (one level, checked
 by the spec), so suggesting every unconditioned entry first settles every condition.
 """
@@ -15,7 +15,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from tuner.errors import TunerError
-from tuner.spec import CategoricalParam, FixedParam, FloatParam, IntParam, SpaceEntry, StudySpec
+from tuner.study_spec import CategoricalParam, FixedParam, FloatParam, IntParam, SpaceEntry, StudySpec
 
 __all__ = ["active", "distributions", "grid", "sample", "size_bounds"]
 

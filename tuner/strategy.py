@@ -30,7 +30,7 @@ from optuna.trial import BaseTrial, FrozenTrial, Trial, TrialState
 
 from tuner import space
 from tuner.errors import TunerError
-from tuner.spec import PrunerSpec, StudySpec
+from tuner.study_spec import PrunerSpec, StudySpec
 
 __all__ = ["COLLAPSE_CONSTRAINT", "build_pruner", "build_sampler", "collapse_constraint", "directions", "mark_collapse"]
 

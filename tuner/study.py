@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from tuner import strategy
 from tuner.data import load_array
 from tuner.errors import TunerError
-from tuner.spec import StudySpec, parse_study_spec
+from tuner.study_spec import StudySpec, parse_study_spec
 from tuner.storage import check_storage, mask_url, open_storage
 
 __all__ = [

@@ -33,7 +33,8 @@ from tuner import __version__, metrics, space, strategy
 from tuner.data import Splits, load_splits
 from tuner.engine import Population, PopulationShape
 from tuner.errors import TunerError
-from tuner.spec import DataConfig, StudySpec, TrainConfig, config_to_yaml
+from tuner.spec import DataConfig, TrainConfig, config_to_yaml
+from tuner.study_spec import StudySpec
 from tuner.storage import mask_url, open_storage
 from tuner.study import load_study, started_at, study_counts
 from tuner.train import resolve_device, save_atomic
