@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,9 @@ def load_study(
     parallel workers do not propose the same trials."""
     if storage is None:
         check_storage(storage_url)
+        if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+            # joining must never create a store: a typo in the path would leave an empty database
+            raise TunerError(f"no study '{study_name}': {mask_url(storage_url)} does not exist; check --storage")
         storage = open_storage(storage_url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if study_name not in names:
@@ -143,6 +147,8 @@ def studies_status(storage_url: str) -> list[tuple[str, int, int, int, int, int,
     Live workers: distinct workers (host:pid) holding running trials.
     """
     check_storage(storage_url)
+    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+        return []  # no store yet, no studies (and looking must not create one)
     storage = open_storage(storage_url)
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
