@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from tuner.errors import TunerError
 from tuner.spec import TrainConfig, config_to_yaml, load_config, parse_config
-from tuner.study_spec import (
-    CategoricalParam,
-    FloatParam,
-    IntParam,
-    StudySpec,
-    load_study_spec,
-    parse_study_spec,
-    study_spec_to_yaml,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 

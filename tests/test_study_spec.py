@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from tuner.errors import TunerError
-from tuner.spec import TrainConfig, config_to_yaml, load_config, parse_config
 from tuner.study_spec import (
     CategoricalParam,
     FloatParam,

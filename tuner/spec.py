@@ -8,26 +8,23 @@ I/O, no tensors. The one-line error formatting here serves both kinds of file.
 
 from __future__ import annotations
 
-import difflib
 import math
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PlainValidator,
-    TypeAdapter,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from tuner.errors import TunerError
+
+M = TypeVar("M", bound=BaseModel)
 
 __all__ = [
     "ENTRY_TYPES",
@@ -44,6 +41,8 @@ __all__ = [
     "one_line_error",
     "parse_config",
     "read_yaml",
+    "to_yaml",
+    "validate",
 ]
 
 
@@ -226,16 +225,26 @@ def read_yaml(path: str | Path, what: str) -> tuple[Any, str]:
         raise TunerError(f"{path}: malformed YAML{where}; fix the syntax") from None
 
 
-def parse_config(raw: Any, source: str = "config") -> TrainConfig:
-    """Validate a plain mapping (e.g. parsed YAML) into a :class:`TrainConfig`."""
+def validate(model: type[M], raw: Any, source: str, what: str) -> M:
+    """Validate a plain mapping (e.g. parsed YAML) into `model`; mistakes become one-line errors."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise TunerError(f"{source}: expected a mapping of config sections, got {type(raw).__name__}")
+        raise TunerError(f"{source}: expected a mapping of {what}, got {type(raw).__name__}")
     try:
-        return TrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         raise one_line_error(err, source) from None
+
+
+def to_yaml(model: BaseModel) -> str:
+    """A model as YAML with every default spelled out (tuples as lists), loadable again."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_config(raw: Any, source: str = "config") -> TrainConfig:
+    """Validate a plain mapping (e.g. parsed YAML) into a :class:`TrainConfig`."""
+    return validate(TrainConfig, raw, source, "config sections")
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -244,5 +253,5 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def config_to_yaml(config: TrainConfig) -> str:
-    """The resolved config as YAML (tuples as lists), loadable by :func:`load_config`."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, loadable by :func:`load_config`."""
+    return to_yaml(config)

@@ -12,10 +12,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PlainValidator,
     TypeAdapter,
@@ -26,7 +24,9 @@ from pydantic import (
 )
 
 from tuner.errors import TunerError
-from tuner.spec import ENTRY_TYPES, StrictModel, TrainConfig, field_path, one_line_error, parse_config, read_yaml
+from tuner.spec import (
+    StrictModel, TrainConfig, field_path, parse_config, read_yaml, to_yaml, validate,
+)
 
 __all__ = [
     "BudgetSpec",
@@ -508,14 +508,7 @@ def _coerced_entry(path: str, entry: Any) -> Any:
 
 def parse_study_spec(raw: Any, source: str = "study spec") -> StudySpec:
     """Validate a plain mapping (e.g. parsed YAML) into a :class:`StudySpec`."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise TunerError(f"{source}: expected a mapping of study sections, got {type(raw).__name__}")
-    try:
-        return StudySpec.model_validate(raw)
-    except ValidationError as err:
-        raise one_line_error(err, source) from None
+    return validate(StudySpec, raw, source, "study sections")
 
 
 def load_study_spec(path: str | Path) -> StudySpec:
@@ -525,4 +518,4 @@ def load_study_spec(path: str | Path) -> StudySpec:
 
 def study_spec_to_yaml(spec: StudySpec) -> str:
     """The spec as YAML with every default spelled out, loadable by :func:`load_study_spec`."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    return to_yaml(spec)
