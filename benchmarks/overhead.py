@@ -171,56 +171,113 @@ def run_bare(configs: list[TrainConfig], splits: Splits) -> tuple[float, list[fl
 
 
 # ----------------------------------------------------------------------------------- profile
-# (label, file suffix, function name): cumulative time of each, as the worker's main thread spends it
-_PROFILE_ROWS = [
-    ("train + validate (run_epoch)", "tuner/engine.py", "run_epoch"),
-    ("final metrics (evaluate)", "tuner/metrics.py", "evaluate"),
-    ("slot_model copy", "tuner/engine.py", "slot_model"),
-    ("assign slot", "tuner/engine.py", "assign"),
-    ("checkpoint: slot_checkpoint", "tuner/engine.py", "slot_checkpoint"),
-    ("checkpoint: save_atomic", "tuner/train.py", "save_atomic"),
-    ("study.ask", "optuna/study/study.py", "ask"),
-    ("space.sample (suggest_*)", "tuner/space.py", "sample"),
-    ("trial.set_user_attr", "optuna/trial/_trial.py", "set_user_attr"),
-    ("trial.report", "optuna/trial/_trial.py", "report"),
-    ("trial.should_prune", "optuna/trial/_trial.py", "should_prune"),
-    ("mark_collapse (set_constraint)", "tuner/strategy.py", "mark_collapse"),
-    ("study.tell", "optuna/study/study.py", "tell"),
-    ("heartbeat (record_heartbeat)", "optuna/storages/_rdb/storage.py", "record_heartbeat"),
-    ("fail_stale_trials", "optuna/storages/_heartbeat.py", "fail_stale_trials"),
-    ("study_counts (get_trials)", "tuner/study.py", "study_counts"),
-    ("storage.get_trial (resume check)", "optuna/storages/_cached_storage.py", "get_trial"),
-]
+# (label, owner, attribute): the worker's phases, timed on its main thread. Exclusive: a call made
+# inside another timed call counts for the outer one only, so the phases add up to the worker's wall.
+def _phases() -> list[tuple[str, Any, str]]:
+    import tuner.metrics
+    import tuner.space
+    import tuner.worker
+    from optuna.storages import RDBStorage
+
+    phases = [
+        ("compute: train + validate", Population, "run_epoch"),
+        ("compute: final metrics", tuner.metrics, "evaluate"),
+        ("compute: best-weights copy", Population, "slot_model"),
+        ("assign slot (init weights)", Population, "assign"),
+        ("checkpoint: slot_checkpoint", Population, "slot_checkpoint"),
+        ("checkpoint: save_atomic", tuner.worker, "save_atomic"),
+        ("study.ask", optuna.Study, "ask"),
+        ("space.sample (suggest_*)", tuner.space, "sample"),
+        ("storage.get_trial (resume)", RDBStorage, "get_trial"),
+        ("trial.set_user_attr", optuna.Trial, "set_user_attr"),
+        ("trial.report", optuna.Trial, "report"),
+        ("trial.should_prune", optuna.Trial, "should_prune"),
+        ("mark_collapse (set_constraint)", optuna.Trial, "set_constraint"),
+        ("study.tell", optuna.Study, "tell"),
+        ("record_heartbeat", RDBStorage, "record_heartbeat"),
+        ("fail_stale_trials", tuner.worker, "fail_stale_trials"),
+        ("study_counts (get_trials)", tuner.worker, "study_counts"),
+    ]
+    return [p for p in phases if hasattr(p[1], p[2])]  # a phase the worker no longer has is left out
 
 
-def profile_worker(spec: dict[str, Any], url: str, tmp: Path, top: int = 12) -> None:
-    """Run the worker in this process under cProfile; print its time by phase and the top functions."""
-    from tuner.spec import parse_study_spec
+@contextmanager
+def _timed(phases: list[tuple[str, Any, str]], profiler: cProfile.Profile | None) -> Iterator[dict[str, list[float]]]:
+    """Wrap each phase with a main-thread, outermost-only timer; with a profiler, profile only
+    the non-compute phases (the tuner's own work)."""
+    import threading
+
+    main, depth = threading.main_thread().ident, [0]
+    spent: dict[str, list[float]] = {label: [0, 0.0] for label, _, _ in phases}
+    saved = [(owner, name, getattr(owner, name)) for _, owner, name in phases]
+
+    def wrap(label: str, fn: Any) -> Any:
+        compute = label.startswith("compute")
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != main or depth[0]:
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            if profiler is not None and compute:
+                profiler.disable()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label][0] += 1
+                spent[label][1] += time.perf_counter() - start
+                if profiler is not None and compute:
+                    profiler.enable()
+                depth[0] -= 1
+
+        return timed
+
+    for (label, owner, name), (_, _, fn) in zip(phases, saved):
+        setattr(owner, name, wrap(label, fn))
+    try:
+        yield spent
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _in_process_worker(spec: dict[str, Any], url: str, tmp: Path, profiler: cProfile.Profile | None):
     from tuner.study import create_or_resume
+    from tuner.study_spec import parse_study_spec
     from tuner.worker import Worker
 
     create_or_resume(parse_study_spec({**spec, "storage": url}), url)
     worker = Worker(url, spec["study"], artifacts=tmp / "artifacts", log=lambda line: None)
+    with _timed(_phases(), profiler) as spent:
+        start = time.perf_counter()
+        if profiler is not None:
+            profiler.runcall(worker.run)
+        else:
+            worker.run()
+        total = time.perf_counter() - start
+    return total, spent
+
+
+def profile_worker(kind: str, spec: dict[str, Any], tmp: Path, top: int = 12) -> None:
+    """Run the worker in this process: its wall by phase (timers), then a cProfile of its own work."""
+    n = spec["budget"]["trials"]
+    with store(kind, tmp) as url:
+        total, spent = _in_process_worker(spec, url, tmp, None)
+    compute = sum(s for label, (_, s) in spent.items() if label.startswith("compute"))
+    print(f"  worker.run {total:.2f} s for {n} trials; compute {compute:.2f} s; "
+          f"tuner's own work {100 * (total - compute) / total:.2f}% of the worker's wall")
+    print(f"  {'phase (exclusive, main thread)':<34}{'calls':>7}{'s':>9}{'%':>7}{'ms/trial':>10}")
+    rows = list(spent.items()) + [("other (loop, logging, ...)", [0, total - sum(s for _, s in spent.values())])]
+    for label, (calls, seconds) in rows:
+        print(f"  {label:<34}{calls:>7}{seconds:>9.3f}{100 * seconds / total:>7.2f}{1000 * seconds / n:>10.1f}")
     profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.runcall(worker.run)
-    total = time.perf_counter() - start
-    stats = pstats.Stats(profiler)
-    rows = []
-    for label, suffix, func in _PROFILE_ROWS:
-        hits = [(k, v) for k, v in stats.stats.items() if k[0].endswith(suffix) and k[2] == func]  # type: ignore[attr-defined]
-        rows.append((label, sum(v[1] for _, v in hits), sum(v[3] for _, v in hits)))
-    print(f"  worker.run: {total:.2f} s under cProfile ({spec['budget']['trials']} trials); "
-          "cumulative time per phase (phases may nest)")
-    print(f"  {'phase':<34}{'calls':>7}{'s':>9}{'% run':>8}{'ms/trial':>10}")
-    for label, calls, seconds in rows:
-        print(f"  {label:<34}{calls:>7}{seconds:>9.3f}{100 * seconds / total:>8.2f}"
-              f"{1000 * seconds / spec['budget']['trials']:>10.1f}")
-    print(f"  top {top} functions by own time:")
-    own = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
-    for (file, line, func), (_, calls, tottime, cumtime, _) in own:
+    with store(kind, tmp) as url:
+        _in_process_worker({**spec, "study": spec["study"] + "-cprofile"}, url, tmp, profiler)
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    print(f"  top {top} functions by own time in the tuner's own work (cProfile, compute excluded; inflated):")
+    for (file, line, func), (_, calls, own, cum, _) in sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]:
         where = f"{Path(file).parent.name}/{Path(file).name}:{line}({func})" if line else func
-        print(f"    {tottime:8.3f} s own {cumtime:8.3f} s cum {calls:>8} calls  {where[-70:]}")
+        print(f"    {1000 * own / n:8.1f} ms/trial own {1000 * cum / n:8.1f} cum {calls // n:>6} calls/trial  {where[-64:]}")
 
 
 # -------------------------------------------------------------------------------------- main
@@ -284,9 +341,7 @@ def main() -> None:
             for kind in stores:
                 print()
                 print(f"profile ({kind}, in-process worker):")
-                spec = spec_dict(f"overhead-profile-{kind}", args.trials, args.epochs, args.hidden)
-                with store(kind, tmp) as url:
-                    profile_worker(spec, url, tmp)
+                profile_worker(kind, spec_dict(f"overhead-profile-{kind}", args.trials, args.epochs, args.hidden), tmp)
 
 
 if __name__ == "__main__":

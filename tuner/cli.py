@@ -159,6 +159,99 @@ def status(storage: StorageOption = None) -> None:
     Console().print(table)
 
 
+@app.command()
+def report(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained, opens offline).")],
+    storage: StorageOption = None,
+    artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root holding the images (default: beside the store).")] = None,
+    top: Annotated[int, typer.Option(min=0, help="Best trials whose images are shown.")] = 3,
+) -> None:
+    """One HTML report: ranking, history, learning curves, importances, NLL vs active units, images."""
+    from tuner.report import write_report
+    from tuner.storage import DEFAULT_URL
+
+    path = write_report(storage or DEFAULT_URL, study, out, artifacts=artifacts, top=top)
+    typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+def dashboard(
+    storage: StorageOption = None,
+    host: Annotated[str, typer.Option(help="Address to bind; the dashboard has no login, so keep 127.0.0.1.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+    artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root the workers used (default: beside the store).")] = None,
+) -> None:
+    """Serve optuna-dashboard on the store, with each trial's images, until Ctrl-C."""
+    from tuner.dashboard import serve
+    from tuner.storage import DEFAULT_URL
+
+    serve(storage or DEFAULT_URL, host=host, port=port, artifacts=artifacts)
+
+
+@app.command()
+def rank(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
+    storage: StorageOption = None,
+    top: Annotated[Optional[int], typer.Option(help="Show only the best K complete trials.")] = None,
+    by: Annotated[str, typer.Option(help="nll (val IWAE NLL), recon, elbo (val -ELBO) or au (active units).")] = "nll",
+    include_collapsed: Annotated[bool, typer.Option(help="Rank collapsed trials by the metric alone (default: last).")] = False,
+    states: Annotated[str, typer.Option(help="Trial states to list, e.g. complete,pruned,fail (with reasons).")] = "complete",
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json, parquet or markdown.")] = "table",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Rank a study's trials by NLL, reconstruction or active units; collapsed last; Pareto flags."""
+    from tuner.ranking import rank_study, ranking_table, render_ranking, save_ranking
+    from tuner.storage import DEFAULT_URL
+
+    names = [s.strip() for s in states.split(",") if s.strip()]
+    _, frame = rank_study(storage or DEFAULT_URL, study, by=by, include_collapsed=include_collapsed, states=names, top=top)
+    if fmt == "table" and out is None:
+        order = "by the metric alone" if include_collapsed else "collapsed last"
+        console = Console(width=None if sys.stdout.isatty() else 250)  # piped: never squeeze the columns
+        console.print(ranking_table(frame, title=f"study '{study}': ranked by {by}, {order} (val split, nats)"))
+    elif out is not None:
+        typer.echo(f"ranking: {save_ranking(frame, fmt, out)} ({len(frame)} rows)")
+    elif fmt == "parquet" and sys.stdout.isatty():
+        raise TunerError("--format parquet is binary; give --out FILE.parquet or redirect stdout to a file")
+    else:
+        data = render_ranking(frame, fmt)
+        sys.stdout.buffer.write(data if isinstance(data, bytes) else data.encode())
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write trial-<n>.yaml, checkpoints, ranking.csv.")],
+    top: Annotated[int, typer.Option(help="How many of the best trials to export.")] = 1,
+    storage: StorageOption = None,
+    by: Annotated[str, typer.Option(help="nll, recon, elbo or au (as in `tuner rank`).")] = "nll",
+    include_collapsed: Annotated[bool, typer.Option(help="Rank collapsed trials by the metric alone.")] = False,
+    artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root the workers used (default: beside the store).")] = None,
+) -> None:
+    """Write the best trials as configs `tuner train` reruns (same seed and split), with checkpoints."""
+    from tuner.export import export_top
+    from tuner.storage import DEFAULT_URL
+
+    r = export_top(storage or DEFAULT_URL, study, out, top=top, by=by, include_collapsed=include_collapsed,
+                   artifacts=artifacts)
+    typer.echo(f"exported {len(r.configs)} config(s), {len(r.checkpoints)} checkpoint(s) and ranking.csv to {r.out_dir}")
+
+
+@app.command()
+def backup(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
+    to: Annotated[str, typer.Option("--to", help="Storage URL to copy the study into (SQLite or PostgreSQL).")],
+    storage: StorageOption = None,
+) -> None:
+    """Copy a study, trials, user attrs and intermediate values included, to another store."""
+    from tuner.export import backup_study
+    from tuner.storage import DEFAULT_URL, mask_url
+
+    n = backup_study(study, storage or DEFAULT_URL, to)
+    typer.echo(f"copied study '{study}' ({n} trials) from {mask_url(storage or DEFAULT_URL)} to {mask_url(to)}")
+
+
 def main() -> None:
     """Console entry point: TunerError -> one line, exit 2."""
     import optuna

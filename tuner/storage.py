@@ -27,7 +27,7 @@ from sqlalchemy.engine import URL, make_url
 
 from tuner.errors import TunerError
 
-__all__ = ["DEFAULT_URL", "check_storage", "mask_secrets", "mask_url", "open_storage"]
+__all__ = ["DEFAULT_URL", "check_storage", "mask_secrets", "mask_url", "open_storage", "store_exists"]
 
 DEFAULT_URL = "sqlite:///storage/tuner.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # how long a SQLite connection waits for another process's write lock
@@ -165,6 +165,13 @@ def check_storage(url: str) -> None:
         raise _connect_error(url, parsed, e) from None
     finally:
         engine.dispose()
+
+
+def store_exists(url: str) -> bool:
+    """False only for a SQLite file that is not there yet: readers and joiners must not create one
+    (a typo in a path would otherwise leave an empty database behind)."""
+    parsed = _parse(url)
+    return parsed.get_backend_name() != "sqlite" or Path(parsed.database).is_file()
 
 
 def _parse(url: str) -> URL:

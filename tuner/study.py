@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from tuner import strategy
 from tuner.data import load_array
 from tuner.errors import TunerError
 from tuner.study_spec import StudySpec, parse_study_spec
-from tuner.storage import check_storage, mask_url, open_storage
+from tuner.storage import check_storage, mask_url, open_storage, store_exists
 
 __all__ = [
     "SPEC_ATTR", "StudyCounts", "create_or_resume", "load_study", "started_at", "studies_status", "study_counts",
@@ -90,8 +89,7 @@ def load_study(
     parallel workers do not propose the same trials."""
     if storage is None:
         check_storage(storage_url)
-        if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
-            # joining must never create a store: a typo in the path would leave an empty database
+        if not store_exists(storage_url):
             raise TunerError(f"no study '{study_name}': {mask_url(storage_url)} does not exist; check --storage")
         storage = open_storage(storage_url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -147,8 +145,8 @@ def studies_status(storage_url: str) -> list[tuple[str, int, int, int, int, int,
     Live workers: distinct workers (host:pid) holding running trials.
     """
     check_storage(storage_url)
-    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
-        return []  # no store yet, no studies (and looking must not create one)
+    if not store_exists(storage_url):
+        return []  # no store yet, no studies
     storage = open_storage(storage_url)
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):

@@ -19,11 +19,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tuner import metrics, noise
+from tuner import metrics
+from tuner.artifacts import render_images
 from tuner.data import load_splits
 from tuner.engine import EpochResult, Population
 from tuner.errors import TunerError
-from tuner.images import reconstruction_grid, save_grid
 from tuner.models import VAE
 from tuner.spec import TrainConfig, config_to_yaml, load_config, parse_config
 
@@ -84,14 +84,8 @@ def _sanity_batch(pop: Population, slot: int) -> None:
 
 def write_images(model: VAE, x: torch.Tensor, out_dir: Path, seed: int, image_shape: tuple[int, int, int]) -> None:
     """Test reconstructions (inputs over outputs) and prior samples, as PNG grids."""
-    with torch.no_grad():
-        xs = x[:32].unsqueeze(0)
-        mu, _ = model.encode(xs)
-        recon = model.mean_image(model.decode(mu))[0]
-        z = noise.normal(noise.keys_from_seeds(torch.tensor([seed], device=x.device)), (64, model.latent_max))
-        samples = model.mean_image(model.decode(z))[0]
-    reconstruction_grid(xs[0].cpu(), recon.cpu(), image_shape).save(out_dir / "reconstructions.png")
-    save_grid(out_dir / "samples.png", samples.cpu(), image_shape)
+    for name, image in render_images(model, x, image_shape, seed, traversal=False).items():
+        image.save(out_dir / name, format="PNG")
 
 
 def train_config(

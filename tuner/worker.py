@@ -7,7 +7,8 @@ Each trial's slot is checkpointed every epoch under ``<artifacts>/<study>/<trial
 heartbeat thread keeps its trial alive in the store: a worker killed with -9 loses at most the
 epoch in flight. Its trials go stale, `fail_stale_trials` (run by every worker) fails them, Optuna's
 RetryHeartbeatStaleTrialCallback enqueues a copy, and whichever worker asks next resumes the copy
-from the dead trial's last checkpoint.
+from the dead trial's last checkpoint. A complete trial's images (reconstructions, prior samples,
+and a latent traversal for a new best) go to the store's artifact store (:mod:`tuner.artifacts`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from tuner import __version__, metrics, space, strategy
+from tuner.artifacts import artifact_store, artifacts_root, beats_best, render_images, upload_images
 from tuner.data import Splits, load_splits
 from tuner.engine import Population, PopulationShape
 from tuner.errors import TunerError
+from tuner.models import VAE
 from tuner.spec import DataConfig, TrainConfig, config_to_yaml
 from tuner.study_spec import StudySpec
 from tuner.storage import mask_url, open_storage
@@ -47,17 +50,6 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 _POLL_S = 1.0  # idle wait while other workers run the study's last trials
-
-
-def artifacts_root(storage_url: str, override: str | Path | None = None) -> Path:
-    """Where checkpoints live: --artifacts / $TUNER_ARTIFACTS, else `artifacts/` beside a SQLite
-    file, else ./storage/artifacts (point it at shared disk when workers run on many hosts)."""
-    chosen = override or os.environ.get("TUNER_ARTIFACTS")
-    if chosen:
-        return Path(chosen)
-    if storage_url.startswith("sqlite:///"):
-        return Path(storage_url.removeprefix("sqlite:///")).parent / "artifacts"
-    return Path("storage") / "artifacts"
 
 
 def auto_slots(device: torch.device, spec: StudySpec, data_dim: int) -> int:
@@ -153,6 +145,7 @@ class Worker:
         self.url, self.log = storage_url, log
         self.device = resolve_device(device or self.spec.workers.device)
         self.artifacts = artifacts_root(storage_url, artifacts) / study_name
+        self.artifact_store = artifact_store(storage_url, artifacts)  # trial images, for the dashboard
         self.latent_max, self.hidden_max = space.size_bounds(self.spec)
         self.splits: dict[DataConfig, Splits] = {}
         self.populations: dict[tuple[PopulationShape, DataConfig], Population] = {}
@@ -306,7 +299,23 @@ class Worker:
         if not all(math.isfinite(v) for v in values):
             self._end(run, pop, TrialState.PRUNED, reason=f"non-finite objective {values}")
             return
+        # before tell: a finished trial takes no artifacts
+        self._upload_images(run, model, splits, values, feasible=not attrs["collapsed"])
         self._end(run, pop, TrialState.COMPLETE, values=values, attrs=attrs)
+
+    def _upload_images(self, run: _Running, model: VAE, splits: Splits, values: list[float], feasible: bool) -> None:
+        """Reconstructions and samples on the val split, plus a traversal for a new best, as artifacts.
+
+        An image never costs a trained trial: any error (a full disk, an unreachable store) is kept
+        in the user attr ``artifact_error`` and logged, and the trial completes all the same.
+        """
+        try:
+            images = render_images(model, splits.val, splits.image_shape, run.config.seed,
+                                   traversal=beats_best(self.study, values, feasible))
+            upload_images(self.study, run.trial, images, self.artifact_store)
+        except Exception as err:  # noqa: BLE001 - stores are plug-ins (file system, S3...) with their own errors
+            run.trial.set_user_attr("artifact_error", f"{type(err).__name__}: {err}")
+            self.log(f"trial {run.trial.number}: images not stored ({type(err).__name__}: {err})")
 
     def _end(
         self, run: _Running, pop: Population, state: TrialState, *, values: list[float] | None = None,

@@ -1,0 +1,247 @@
+"""Trial images as Optuna artifacts: what real workers upload (every complete trial; a traversal only
+for a new best), the round trip through a real file-system store, pictures pixel by pixel, the cost
+per trial, and a broken store that leaves the trial complete."""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.artifacts import get_all_artifact_meta
+from optuna.trial import TrialState
+from PIL import Image
+
+from test_worker import study_yaml
+from tuner.artifacts import (
+    IMAGE_NAMES,
+    artifact_store,
+    artifacts_root,
+    beats_best,
+    render_images,
+    traversal_dims,
+    trial_images,
+    upload_images,
+)
+from tuner.data import load_splits
+from tuner.engine import Population, PopulationShape
+from tuner.errors import TunerError
+from tuner.spec import parse_config
+from tuner.study import create_or_resume
+from tuner.study_spec import parse_study_spec
+from tuner.worker import Worker
+
+GRID = 8 * 56 + 7 * 2  # 8 tiles of 28 px scaled x2, 2 px between: 462 px
+
+
+@dataclass
+class Built:
+    url: str
+    art: Path
+    study: optuna.Study
+    log: list[str]
+
+
+def _study(tmp: Path, npz: Path, name: str, params: list[dict], epochs: int) -> tuple[str, optuna.Study]:
+    url = f"sqlite:///{tmp}/{name}.db"
+    spec = study_yaml(
+        tmp, npz, name, url,
+        base={"data": {"dataset": f"npz:{npz}"}, "model": {"hidden": 128, "depth": 1}, "optim": {"batch_size": 64},
+              "kl": {"schedule": "constant"}, "train": {"iwae_k": 5}},
+        space={"optim.lr": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+               "model.latent": {"type": "categorical", "choices": [3, 8]}},
+        budget={"trials": len(params), "epochs": epochs},
+    )
+    study = create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
+    for p in params:
+        study.enqueue_trial(p)
+    return url, study
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, small_npz: Path) -> Built:
+    """Three real trials, one slot (so they complete in order): a good one, a hopeless one (lr 1e-6:
+    collapsed and far worse), and a good one with 3 latent dims."""
+    tmp = tmp_path_factory.mktemp("artifacts")
+    params = [{"optim.lr": 1e-2, "model.latent": 8}, {"optim.lr": 1e-6, "model.latent": 8},
+              {"optim.lr": 1e-2, "model.latent": 3}]
+    url, study = _study(tmp, small_npz, "img", params, epochs=3)
+    log: list[str] = []
+    Worker(url, "img", slots=1, device="cpu", artifacts=tmp / "art", log=log.append).run()
+    return Built(url, tmp / "art", study, log)
+
+
+def _png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image
+
+
+def test_every_complete_trial_has_its_images_and_only_new_bests_a_traversal(built: Built) -> None:
+    store = artifact_store(built.url, built.art)
+    trials = sorted(built.study.get_trials(), key=lambda t: t.datetime_complete)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    best_so_far = float("inf")
+    traversals = []
+    for t in trials:
+        assert "artifact_error" not in t.user_attrs
+        images = trial_images(built.study, t, store)
+        feasible = not t.user_attrs["collapsed"]
+        new_best = feasible and t.values[0] < best_so_far  # the study's best (feasible) trial changes
+        assert set(images) == {"reconstructions.png", "samples.png"} | ({"traversal.png"} if new_best else set())
+        if feasible:
+            best_so_far = min(best_so_far, t.values[0])
+        traversals.append("traversal.png" in images)
+        recon, samples = _png(images["reconstructions.png"]), _png(images["samples.png"])
+        assert recon.mode == samples.mode == "L"  # MNIST is grayscale
+        assert recon.size == samples.size == (GRID, GRID)  # 32 inputs over outputs: 8 rows; 64 samples
+        if new_best:
+            rows = min(8, t.params["model.latent"])
+            assert _png(images["traversal.png"]).size == (9 * 56 + 8 * 2, rows * 56 + (rows - 1) * 2)
+    # the first healthy trial is the study's first best; lr 1e-6 trains nothing: collapsed, no traversal
+    assert traversals[0] and not traversals[1]
+    assert trials[1].user_attrs["collapsed"] and trials[1].values[0] > trials[0].values[0] + 100
+
+
+def test_images_round_trip_through_the_file_store(built: Built) -> None:
+    store = artifact_store(built.url, built.art)
+    root = built.art / "optuna"
+    assert root.is_dir()
+    for t in built.study.get_trials():
+        metas = get_all_artifact_meta(t, storage=built.study._storage)
+        images = trial_images(built.study, t, store)
+        assert sorted(m.filename for m in metas) == sorted(images) and set(images) <= set(IMAGE_NAMES)
+        for meta in metas:
+            assert meta.mimetype == "image/png"
+            assert images[meta.filename] == (root / meta.artifact_id).read_bytes()
+    # the recon grid's first row holds the first val inputs, binarized or not, as 0..255 pixels
+    splits = load_splits(parse_config(built.study.trials[0].user_attrs["config"]).data, 64)
+    first = np.asarray(_png(trial_images(built.study, built.study.trials[0], store)["reconstructions.png"]))
+    tile = first[:56:2, :56:2]  # tile 0, undo the x2 upscaling
+    want = np.rint(splits.val[0].reshape(28, 28).numpy() * 255)
+    assert np.array_equal(tile, want)
+
+
+def test_upload_images_round_trips_any_png_and_refuses_other_names(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/u.db"
+    study = optuna.create_study(storage=url, study_name="u")
+    trial = study.ask()
+    rgb = Image.fromarray(np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3))
+    gray = Image.fromarray(np.full((3, 2), 7, dtype=np.uint8))
+    store = artifact_store(url)  # default root: beside the SQLite file
+    assert artifacts_root(url) == tmp_path / "artifacts" and (tmp_path / "artifacts" / "optuna").is_dir()
+    upload_images(study, trial, {"a.png": rgb, "samples.png": gray}, store)
+    with pytest.raises(ValueError, match="PNG file names"):
+        upload_images(study, trial, {"../escape.png": gray}, store)
+    study.tell(trial, 1.0)
+    got = trial_images(study, study.trials[0], store)
+    assert sorted(got) == ["a.png", "samples.png"]
+    assert np.array_equal(np.asarray(_png(got["a.png"])), np.asarray(rgb)) and _png(got["a.png"]).mode == "RGB"
+    assert np.array_equal(np.asarray(_png(got["samples.png"])), np.asarray(gray))
+    other = study.ask()
+    study.tell(other, 2.0)
+    assert trial_images(study, study.trials[1], store) == {}  # no images: an empty dict
+
+
+def test_artifact_store_root_follows_override_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    artifact_store(url, tmp_path / "given")
+    assert (tmp_path / "given" / "optuna").is_dir()
+    monkeypatch.setenv("TUNER_ARTIFACTS", str(tmp_path / "env"))
+    artifact_store(url)
+    assert (tmp_path / "env" / "optuna").is_dir()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TunerError, match="--artifacts"):
+        artifact_store(url, tmp_path / "file")
+
+
+def _model(small_npz: Path, tiny, latent: int, latent_max: int, hidden: int = 64):
+    """A fresh one-slot model using `latent` of a population's `latent_max` dims, and its splits."""
+    config = tiny(model={"latent": latent, "hidden": hidden})
+    splits = load_splits(config.data, config.optim.batch_size)
+    pop = Population(PopulationShape.of(config), splits, slots=1, latent_max=latent_max, hidden_max=hidden)
+    pop.assign(0, config)
+    return pop.slot_model(0, best=False), splits
+
+
+def test_render_images_grids_pixels_and_determinism(small_npz: Path, tiny) -> None:
+    model, splits = _model(small_npz, tiny, latent=3, latent_max=8)
+    images = render_images(model, splits.val, splits.image_shape, seed=5, traversal=True)
+    assert list(images) == list(IMAGE_NAMES)
+    assert all(im.mode == "L" for im in images.values())
+    assert images["reconstructions.png"].size == images["samples.png"].size == (GRID, GRID)
+    # 3 of 8 latent dims in use: 3 rows (padding dims are never traversed), 9 values -3..3
+    traversal = np.asarray(images["traversal.png"])
+    assert traversal.shape == (3 * 56 + 2 * 2, 9 * 56 + 8 * 2)
+    for row in range(3):
+        tiles = [traversal[row * 58 : row * 58 + 56, c * 58 : c * 58 + 56] for c in range(9)]
+        assert not np.array_equal(tiles[0], tiles[-1])  # the varied dim changes the picture
+    again = render_images(model, splits.val, splits.image_shape, seed=5, traversal=False)
+    assert list(again) == ["reconstructions.png", "samples.png"]
+    for name in again:
+        assert np.array_equal(np.asarray(again[name]), np.asarray(images[name]))
+    other = render_images(model, splits.val, splits.image_shape, seed=6, traversal=False)
+    assert not np.array_equal(np.asarray(other["samples.png"]), np.asarray(images["samples.png"]))
+
+
+def test_traversal_dims_are_the_used_dims_with_the_most_kl() -> None:
+    kl = torch.tensor([0.5, 3.0, 0.0, 2.0, 9.0, 1.0, 4.0, 0.2, 0.3, 5.0])
+    mask = torch.tensor([1.0] * 4 + [0.0] + [1.0] * 5)  # dim 4 is padding: never chosen
+    assert traversal_dims(kl, mask) == [9, 6, 1, 3, 5, 0, 8, 7]  # top 8 of 9 used dims, largest first
+    assert traversal_dims(kl, mask, k=2) == [9, 6]
+    assert traversal_dims(kl[:3], torch.tensor([1.0, 1.0, 0.0])) == [1, 0]
+
+
+def test_beats_best_follows_the_studys_best(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/b.db")
+    assert beats_best(study, [5.0]) and not beats_best(study, [5.0], feasible=False)
+    study.add_trial(optuna.trial.create_trial(value=4.0))
+    assert beats_best(study, [3.9]) and not beats_best(study, [4.0]) and not beats_best(study, [7.0])
+    pareto = optuna.create_study(directions=["minimize", "maximize"])
+    pareto.add_trial(optuna.trial.create_trial(values=[1.0, 1.0]))
+    assert beats_best(pareto, [0.5, 0.5])  # better on one objective: joins the front
+    assert not beats_best(pareto, [2.0, 0.5])  # dominated
+    assert beats_best(pareto, [1.0, 1.0])  # a tie is not dominated
+
+
+def test_render_and_upload_cost_well_under_a_second(tmp_path: Path, small_npz: Path, tiny) -> None:
+    # the default model size (hidden 512, latent 32) on CPU; three images, as for a new best
+    model, splits = _model(small_npz, tiny, latent=32, latent_max=32, hidden=512)
+    url = f"sqlite:///{tmp_path}/t.db"
+    study = optuna.create_study(storage=url, study_name="t")
+    store = artifact_store(url)
+    render_images(model, splits.val, splits.image_shape, seed=0, traversal=True)  # warm-up (first-call costs)
+    costs = []
+    for _ in range(3):
+        trial = study.ask()
+        start = time.perf_counter()
+        upload_images(study, trial, render_images(model, splits.val, splits.image_shape, 0, traversal=True), store)
+        costs.append(time.perf_counter() - start)
+        study.tell(trial, 1.0)
+    assert min(costs) < 0.5, costs
+    assert all(len(trial_images(study, t, store)) == 3 for t in study.trials)
+
+
+def test_a_broken_store_does_not_fail_the_trial(tmp_path: Path, small_npz: Path) -> None:
+    url, study = _study(tmp_path, small_npz, "broken", [{"optim.lr": 1e-2, "model.latent": 8}], epochs=1)
+    log: list[str] = []
+    worker = Worker(url, "broken", slots=1, device="cpu", artifacts=tmp_path / "art", log=log.append)
+    root = tmp_path / "art" / "optuna"
+    root.rmdir()
+    root.write_text("the store's folder is gone: every write fails")  # what a lost mount looks like
+    summary = worker.run()
+    (t,) = study.get_trials()
+    assert t.state == TrialState.COMPLETE and summary.complete == 1
+    assert t.values[0] == pytest.approx(t.user_attrs["iwae_nll"])  # the trial's results are all there
+    assert t.user_attrs["artifact_error"].startswith("NotADirectoryError")
+    assert any("images not stored" in line for line in log)
+    root.unlink()
+    # its ids were recorded before the write failed: reading them back finds nothing, and says so quietly
+    assert get_all_artifact_meta(t, storage=study._storage)
+    assert trial_images(study, t, artifact_store(url, tmp_path / "art")) == {}

@@ -1,0 +1,75 @@
+"""The benchmarks run end to end on tiny budgets (real `tuner run`, real SQLite and PostgreSQL
+stores) and print tables whose numbers parse and add up."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table(out: str, header: str) -> dict[str, list[str]]:
+    """The rows (first word -> the others) under the line whose first words are `header`, up to
+    the first blank or indented line."""
+    lines, words = out.splitlines(), header.split()
+    start = next(i for i, line in enumerate(lines) if line.split()[: len(words)] == words)
+    rows = {}
+    for line in lines[start + 1 :]:
+        if not line.strip() or line.startswith(" "):
+            break
+        first, *rest = line.split()
+        rows[first] = rest
+    return rows
+
+
+def bench_databases() -> set[str]:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        return {r[0] for r in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'tuner_bench_%'")}
+
+
+def test_overhead_prints_tuner_and_bare_walls_for_both_stores() -> None:
+    before = bench_databases()
+    out = run_script("overhead.py", "--trials", "2", "--epochs", "1", "--hidden", "32", "--rounds", "1")
+    rows = table(out, "store trials")
+    assert set(rows) == {"sqlite", "postgres"}
+    for store, (trials, tuner_s, bare_s, overhead, lt, target, verdict) in rows.items():
+        tuner_s, bare_s, overhead = float(tuner_s), float(bare_s), float(overhead)
+        assert int(trials) == 2 and tuner_s > 0 and bare_s > 0, store
+        assert math.isclose(overhead, 100 * (tuner_s - bare_s) / tuner_s, abs_tol=5.0), store  # medians of 1
+        assert (lt, target) == ("<", "2%") and verdict == ("pass" if overhead < 2 else "FAIL")
+    breakdown = table(out, "store extra_ms")
+    assert set(breakdown) == {"sqlite", "postgres"}
+    for extra, in_trial, between, startup, exit_s in breakdown.values():
+        assert math.isclose(float(extra), float(in_trial) + float(between), abs_tol=1.0)
+        assert float(startup) > 0 and float(exit_s) >= 0
+    # the bare retraining is the very compute of the tuner's trials: same objective values
+    reproduced = next(line for line in out.splitlines() if line.startswith("bare retraining reproduces"))
+    assert float(reproduced.split(" to ")[1].split()[0]) < 1e-3
+    assert bench_databases() == before  # the PostgreSQL database was dropped
+
+
+def test_plain_optuna_prints_both_setups_on_the_same_budget() -> None:
+    out = run_script("plain_optuna.py", "--seconds", "10", "--epochs", "1")
+    rows = table(out, "setup")
+    assert set(rows) == {"plain-optuna", "tuner"}
+    for name, (strategy, trials, complete, pruned, epochs, best, late, wall) in rows.items():
+        trials, complete, pruned, epochs = int(trials), int(complete), int(pruned), int(epochs)
+        assert trials == complete + pruned and epochs >= trials and int(late) >= 0, name
+        assert float(wall) >= 10.0, name  # each setup ran at least the wall time T
+        assert math.isnan(float(best)) == (complete == 0), name
+    assert strategy.startswith("tpe+hyperband")
+    assert int(rows["plain-optuna"][1]) >= 1  # plain Optuna finishes 1-epoch trials within 10 s
+    assert any(line.startswith("difference") for line in out.splitlines())
