@@ -1,6 +1,6 @@
 """The tuner's overhead: the same N trainings run bare vs through `tuner run` (SQLite, PostgreSQL).
 
-    python benchmarks/overhead.py [--trials 8] [--epochs 5] [--hidden 384] [--rounds 3] [--no-postgres] [--profile]
+    python benchmarks/overhead.py [--trials 8] [--epochs 5] [--hidden 256] [--rounds 3] [--no-postgres] [--profile]
 
 Target: the tuner's own work (ask, sampling, report, prune check, checkpoint, final-metric attrs,
 tell, stale-trial checks) stays under 2% of the worker's wall time.
@@ -285,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=384, help="MLP width (384: ~0.4 s/epoch on 2 cores)")
+    parser.add_argument("--hidden", type=int, default=256, help="MLP width (256: ~0.3 s/epoch on 2 cores)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per store; medians are printed")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--profile", action="store_true", help="also profile an in-process worker per store")

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from tuner.artifacts import artifact_store, artifacts_root
 from tuner.errors import TunerError
-from tuner.storage import check_storage, mask_url, open_storage
+from tuner.storage import check_storage, mask_url, open_storage, store_exists
 
 __all__ = ["is_loopback", "serve"]
 
@@ -39,8 +39,7 @@ def serve(storage_url: str, host: str = "127.0.0.1", port: int = 8080, artifacts
     the store), so the images uploaded by trials show on their pages.
     """
     check_storage(storage_url)
-    parsed = make_url(storage_url)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).is_file():
+    if not store_exists(storage_url):
         raise TunerError(
             f"storage '{mask_url(storage_url)}': no such file; run a study first (tuner run) or fix --storage"
         )
