@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import optuna_dashboard
-from sqlalchemy.engine import make_url
 
 from tuner.artifacts import artifact_store, artifacts_root
 from tuner.errors import TunerError
