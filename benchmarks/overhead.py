@@ -2,19 +2,24 @@
 
     python benchmarks/overhead.py [--trials 8] [--epochs 5] [--hidden 256] [--rounds 3] [--no-postgres] [--profile]
 
-Target: the tuner's own work (ask, sampling, report, prune check, checkpoint, final-metric attrs,
-tell, stale-trial checks) stays under 2% of the worker's wall time.
+Target: the tuner's own work (ask, sampling, attrs, report, prune check, checkpoints, images, tell,
+stale-trial checks) stays under 2% of the worker's wall time. Two measurements, same run:
 
-Each round runs, back to back for every store: `tuner run SPEC --workers 1` in a subprocess (a random
-sampler, no pruner, N trials of E epochs, one slot on the CPU), then *bare*: this process retrains
-every complete trial's stored config (user attr ``config``) with ``Population.for_configs`` and
-``run_epoch`` until done and evaluates it on val and test (``metrics.evaluate``, as the worker does)
-with no Optuna, store or checkpoint. Tuner wall = the first trial's ``datetime_start`` to the last
-trial's ``datetime_complete`` (the store's timestamps): process start-up (imports, study creation,
-data load) is not per-trial overhead and is printed apart. The space leaves latent and hidden sizes
-fixed, so the worker's population has the very shape of the bare one (no masking cost). Medians
-over rounds are printed. ``--profile`` also runs the worker in this process under cProfile and
-prints where its wall time goes (cProfile inflates Python-heavy code such as Optuna and SQLAlchemy).
+1. Tuner vs bare wall. Each round runs, back to back for every store, `tuner run SPEC --workers 1`
+   in a subprocess (random sampler, no pruner, N trials of E epochs, one slot on the CPU), then
+   *bare*: this process retrains every complete trial's stored config (user attr ``config``) with
+   ``Population.for_configs`` + ``run_epoch`` until done and evaluates it on val and test
+   (``metrics.evaluate``, as the worker does), with no Optuna, store, checkpoint or image. Tuner
+   wall = the first trial's ``datetime_start`` to the last trial's ``datetime_complete`` (the
+   store's timestamps): process start-up (imports, study, data) is printed apart. Medians over rounds.
+2. Own work. The worker runs once more per store in this process with a timer around each of its
+   phases (outermost call only, main thread): own work = 1 - compute / worker wall, where compute
+   is train + validate, final metrics and the best-weights copy. Both parts are timed in the same
+   interval, so load from other processes on the machine skews it far less than (1).
+
+The verdict passes when both are under 2%. The space leaves latent and hidden sizes fixed, so the
+worker's population has the very shape of the bare one (no masking cost). ``--profile`` adds a
+cProfile of the own-work phases (compute excluded; cProfile inflates Python-heavy code).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 import torch
@@ -48,7 +55,7 @@ from tuner.engine import Population  # noqa: E402
 from tuner.spec import DataConfig, TrainConfig, parse_config  # noqa: E402
 from tuner.study import CREATED_ATTR  # noqa: E402
 
-TARGET = 0.02  # overhead as a fraction of the worker's wall time
+TARGET = 0.02  # the tuner's own work as a fraction of the worker's wall time
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 
 
@@ -95,6 +102,7 @@ def postgres_url() -> Iterator[str]:
 
 @contextmanager
 def store(kind: str, tmp: Path) -> Iterator[str]:
+    """A fresh, empty store of `kind` (sqlite | postgres) as a storage URL."""
     if kind == "postgres":
         with postgres_url() as url:
             yield url
@@ -102,16 +110,25 @@ def store(kind: str, tmp: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp / f'{uuid.uuid4().hex[:8]}.db'}"
 
 
-# ------------------------------------------------------------------------------ measurements
+def cpu_pressure_s() -> float | None:
+    """Seconds some task on this machine waited for a CPU (Linux PSI), or None where unknown."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+    return int(line.rsplit("total=", 1)[1]) / 1e6
+
+
+# ------------------------------------------------------------------------- 1. tuner vs bare
 @dataclass
 class TunerRun:
     configs: list[TrainConfig]
     values: list[float]  # the tuner's objective (val IWAE NLL) per complete trial
     wall_s: float  # first trial start -> last trial complete
     trial_s: list[float]  # each trial's start -> complete
-    gaps_s: list[float]  # last trial complete -> next trial start
-    startup_s: float  # process start -> first trial start (imports, study, data)
-    tail_s: float  # last trial complete -> process exit
+    gaps_s: list[float]  # a trial's complete -> the next one's start
+    startup_s: float  # launch -> first trial start (imports, study, data)
+    exit_s: float  # last trial complete -> launcher exit
 
 
 def run_tuner(spec: dict[str, Any], url: str, tmp: Path) -> TunerRun:
@@ -134,15 +151,14 @@ def run_tuner(spec: dict[str, Any], url: str, tmp: Path) -> TunerRun:
         sys.exit(f"expected {spec['budget']['trials']} complete trials, found {len(done)}")
     starts = [t.datetime_start.timestamp() for t in done]
     ends = [t.datetime_complete.timestamp() for t in done]
-    created = float(study.user_attrs.get(CREATED_ATTR, began))
     return TunerRun(
         configs=[parse_config(t.user_attrs["config"], source=f"trial {t.number} config") for t in done],
         values=[t.value for t in done],
         wall_s=ends[-1] - starts[0],
         trial_s=[e - s for s, e in zip(starts, ends)],
         gaps_s=[s - e for e, s in zip(ends[:-1], starts[1:])],
-        startup_s=starts[0] - min(began, created),
-        tail_s=ended - ends[-1],
+        startup_s=starts[0] - min(began, float(study.user_attrs.get(CREATED_ATTR, began))),
+        exit_s=ended - ends[-1],
     )
 
 
@@ -160,41 +176,42 @@ def train_bare(config: TrainConfig, splits: Splits) -> float:
     return float(val["iwae_nll"])
 
 
-def run_bare(configs: list[TrainConfig], splits: Splits) -> tuple[float, list[float], list[float]]:
-    """(total wall s, wall s per trial, val IWAE NLL per trial)."""
+def run_bare(configs: list[TrainConfig], splits: Splits) -> tuple[list[float], list[float]]:
+    """(wall s per trial, val IWAE NLL per trial)."""
     walls, values = [], []
     for config in configs:
         start = time.perf_counter()
         values.append(train_bare(config, splits))
         walls.append(time.perf_counter() - start)
-    return sum(walls), walls, values
+    return walls, values
 
 
-# ----------------------------------------------------------------------------------- profile
-# (label, owner, attribute): the worker's phases, timed on its main thread. Exclusive: a call made
-# inside another timed call counts for the outer one only, so the phases add up to the worker's wall.
-def _phases() -> list[tuple[str, Any, str]]:
+# --------------------------------------------------------------------------- 2. own work
+def _phases(worker: Any) -> list[tuple[str, Any, str]]:
+    """(label, owner, attribute) of each phase of the worker loop; "compute" ones are the bare work."""
     import tuner.metrics
     import tuner.space
     import tuner.worker
-    from optuna.storages import RDBStorage
 
     phases = [
         ("compute: train + validate", Population, "run_epoch"),
         ("compute: final metrics", tuner.metrics, "evaluate"),
         ("compute: best-weights copy", Population, "slot_model"),
-        ("assign slot (init weights)", Population, "assign"),
+        ("images: render + upload", type(worker), "_upload_images"),
         ("checkpoint: slot_checkpoint", Population, "slot_checkpoint"),
         ("checkpoint: save_atomic", tuner.worker, "save_atomic"),
+        ("assign slot (init weights)", Population, "assign"),
         ("study.ask", optuna.Study, "ask"),
         ("space.sample (suggest_*)", tuner.space, "sample"),
-        ("storage.get_trial (resume)", RDBStorage, "get_trial"),
+        ("spec.train_config (pydantic)", type(worker.spec), "train_config"),
+        ("storage.get_trial (retry check)", type(worker.storage), "get_trial"),
         ("trial.set_user_attr", optuna.Trial, "set_user_attr"),
         ("trial.report", optuna.Trial, "report"),
         ("trial.should_prune", optuna.Trial, "should_prune"),
         ("mark_collapse (set_constraint)", optuna.Trial, "set_constraint"),
+        ("config_to_yaml (config hash)", tuner.worker, "config_to_yaml"),
         ("study.tell", optuna.Study, "tell"),
-        ("record_heartbeat", RDBStorage, "record_heartbeat"),
+        ("record_heartbeat", type(worker.storage), "record_heartbeat"),
         ("fail_stale_trials", tuner.worker, "fail_stale_trials"),
         ("study_counts (get_trials)", tuner.worker, "study_counts"),
     ]
@@ -203,12 +220,11 @@ def _phases() -> list[tuple[str, Any, str]]:
 
 @contextmanager
 def _timed(phases: list[tuple[str, Any, str]], profiler: cProfile.Profile | None) -> Iterator[dict[str, list[float]]]:
-    """Wrap each phase with a main-thread, outermost-only timer; with a profiler, profile only
-    the non-compute phases (the tuner's own work)."""
-    import threading
-
+    """Time each phase on the main thread, outermost call only (a phase called inside another
+    counts for the outer one), so the phases add up to at most the wall. With a profiler, profile
+    everything but the compute phases."""
     main, depth = threading.main_thread().ident, [0]
-    spent: dict[str, list[float]] = {label: [0, 0.0] for label, _, _ in phases}
+    spent: dict[str, list[float]] = {label: [0, 0.0] for label, _, _ in phases}  # label -> [calls, s]
     saved = [(owner, name, getattr(owner, name)) for _, owner, name in phases]
 
     def wrap(label: str, fn: Any) -> Any:
@@ -241,43 +257,43 @@ def _timed(phases: list[tuple[str, Any, str]], profiler: cProfile.Profile | None
             setattr(owner, name, fn)
 
 
-def _in_process_worker(spec: dict[str, Any], url: str, tmp: Path, profiler: cProfile.Profile | None):
+def timed_worker(
+    spec: dict[str, Any], url: str, tmp: Path, profiler: cProfile.Profile | None = None
+) -> tuple[float, dict[str, list[float]]]:
+    """Create the study and run its worker in this process: (worker wall s, label -> [calls, s])."""
     from tuner.study import create_or_resume
     from tuner.study_spec import parse_study_spec
     from tuner.worker import Worker
 
     create_or_resume(parse_study_spec({**spec, "storage": url}), url)
     worker = Worker(url, spec["study"], artifacts=tmp / "artifacts", log=lambda line: None)
-    with _timed(_phases(), profiler) as spent:
+    with _timed(_phases(worker), profiler) as spent:
         start = time.perf_counter()
         if profiler is not None:
             profiler.runcall(worker.run)
         else:
             worker.run()
-        total = time.perf_counter() - start
-    return total, spent
+        wall = time.perf_counter() - start
+    spent["other (loop, logging, ...)"] = [0, wall - sum(s for _, s in spent.values())]
+    return wall, spent
 
 
-def profile_worker(kind: str, spec: dict[str, Any], tmp: Path, top: int = 12) -> None:
-    """Run the worker in this process: its wall by phase (timers), then a cProfile of its own work."""
-    n = spec["budget"]["trials"]
-    with store(kind, tmp) as url:
-        total, spent = _in_process_worker(spec, url, tmp, None)
-    compute = sum(s for label, (_, s) in spent.items() if label.startswith("compute"))
-    print(f"  worker.run {total:.2f} s for {n} trials; compute {compute:.2f} s; "
-          f"tuner's own work {100 * (total - compute) / total:.2f}% of the worker's wall")
-    print(f"  {'phase (exclusive, main thread)':<34}{'calls':>7}{'s':>9}{'%':>7}{'ms/trial':>10}")
-    rows = list(spent.items()) + [("other (loop, logging, ...)", [0, total - sum(s for _, s in spent.values())])]
-    for label, (calls, seconds) in rows:
-        print(f"  {label:<34}{calls:>7}{seconds:>9.3f}{100 * seconds / total:>7.2f}{1000 * seconds / n:>10.1f}")
+def own_work(wall: float, spent: dict[str, list[float]]) -> float:
+    """1 - compute / wall: the fraction of the worker's wall that is the tuner's own work."""
+    return 1 - sum(s for label, (_, s) in spent.items() if label.startswith("compute")) / wall
+
+
+def print_profile(kind: str, spec: dict[str, Any], tmp: Path, trials: int, top: int = 12) -> None:
+    """cProfile of one in-process worker run, compute phases excluded: the own work's top functions."""
     profiler = cProfile.Profile()
     with store(kind, tmp) as url:
-        _in_process_worker({**spec, "study": spec["study"] + "-cprofile"}, url, tmp, profiler)
+        timed_worker(spec, url, tmp, profiler)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    print(f"  top {top} functions by own time in the tuner's own work (cProfile, compute excluded; inflated):")
+    print(f"{kind}: top {top} functions by own time in the tuner's own work (cProfile, compute excluded):")
     for (file, line, func), (_, calls, own, cum, _) in sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]:
         where = f"{Path(file).parent.name}/{Path(file).name}:{line}({func})" if line else func
-        print(f"    {1000 * own / n:8.1f} ms/trial own {1000 * cum / n:8.1f} cum {calls // n:>6} calls/trial  {where[-64:]}")
+        print(f"  {1000 * own / trials:7.1f} ms/trial own {1000 * cum / trials:7.1f} cum "
+              f"{calls / trials:7.1f} calls/trial  {where[-60:]}")
 
 
 # -------------------------------------------------------------------------------------- main
@@ -286,62 +302,86 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=256, help="MLP width (256: ~0.3 s/epoch on 2 cores)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per store; medians are printed")
+    parser.add_argument("--rounds", type=int, default=3, help="tuner/bare rounds per store; medians are printed")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
-    parser.add_argument("--profile", action="store_true", help="also profile an in-process worker per store")
+    parser.add_argument("--profile", action="store_true", help="also cProfile the own work of a worker per store")
     args = parser.parse_args()
     stores = ["sqlite"] + ([] if args.no_postgres else ["postgres"])
-    # the launcher gives its one worker every core: so does the bare run
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    n = args.trials
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # the launcher gives its one worker every core
     splits = load_splits(DataConfig(), 1)
-    print(f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; optuna {optuna.__version__}")
-    print(f"{args.trials} trials x {args.epochs} epochs, MLP VAE z16 h{args.hidden} depth 2 batch 64, "
-          f"mnist5k, IWAE K=50 on val+test; {args.rounds} round(s) per store, medians")
+    print(f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; optuna {optuna.__version__}; "
+          f"{n} trials x {args.epochs} epochs, MLP VAE z16 h{args.hidden} depth 2 batch 64, mnist5k, "
+          f"IWAE K=50 on val+test; {args.rounds} round(s)")
     if args.no_postgres:
         print("postgres: skipped (--no-postgres)")
-    runs: dict[str, list[tuple[TunerRun, float, list[float]]]] = {s: [] for s in stores}
+    runs: dict[str, list[tuple[TunerRun, list[float]]]] = {s: [] for s in stores}
+    timed: dict[str, tuple[float, dict[str, list[float]]]] = {}
     worst_diff = 0.0
+    began, pressure0 = time.perf_counter(), cpu_pressure_s()
     with tempfile.TemporaryDirectory(prefix="tuner-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         for r in range(args.rounds):
             for kind in stores:  # each tuner run is followed at once by the bare run of its configs
-                spec = spec_dict(f"overhead-{kind}-{r}", args.trials, args.epochs, args.hidden)
                 with store(kind, tmp) as url:
-                    tuner_run = run_tuner(spec, url, tmp)
-                bare_s, bare_trial_s, values = run_bare(tuner_run.configs, splits)
+                    tuner_run = run_tuner(spec_dict(f"overhead-{kind}-{r}", n, args.epochs, args.hidden), url, tmp)
+                bare_trial_s, values = run_bare(tuner_run.configs, splits)
                 worst_diff = max(worst_diff, *(abs(a - b) for a, b in zip(values, tuner_run.values)))
-                runs[kind].append((tuner_run, bare_s, bare_trial_s))
-        print(f"bare retraining reproduces the tuner's val IWAE NLL to {worst_diff:.2e} nats (same compute)")
+                runs[kind].append((tuner_run, bare_trial_s))
+        for kind in stores:
+            with store(kind, tmp) as url:
+                timed[kind] = timed_worker(spec_dict(f"overhead-timed-{kind}", n, args.epochs, args.hidden), url, tmp)
+        pressure = cpu_pressure_s()
+        load = "" if pressure is None or pressure0 is None else (
+            f"; CPU pressure (some task waiting for a core) {100 * (pressure - pressure0) / (time.perf_counter() - began):.0f}%"
+            " of the time: other load makes (1) noisy")
+        print(f"bare retraining reproduces the tuner's val IWAE NLL to {worst_diff:.1e} nats (same compute){load}")
+
         print()
-        print(f"{'store':<10}{'trials':>7}{'tuner_wall_s':>14}{'bare_wall_s':>13}{'overhead_%':>12}"
+        print(f"{'store':<10}{'trials':>7}{'tuner_wall_s':>14}{'bare_wall_s':>13}{'overhead_%':>12}{'own_work_%':>12}"
               f"{'target':>8}  verdict")
-        breakdown = []
         for kind, results in runs.items():
-            tuner_s = statistics.median(t.wall_s for t, _, _ in results)
-            bare_s = statistics.median(b for _, b, _ in results)
-            over = statistics.median((t.wall_s - b) / t.wall_s for t, b, _ in results)
-            verdict = "pass" if over < TARGET else "FAIL"
-            print(f"{kind:<10}{args.trials:>7}{tuner_s:>14.2f}{bare_s:>13.2f}{100 * over:>12.2f}"
+            tuner_s = statistics.median(t.wall_s for t, _ in results)
+            bare_s = statistics.median(sum(b) for _, b in results)
+            over = statistics.median((t.wall_s - sum(b)) / t.wall_s for t, b in results)
+            own = own_work(*timed[kind])
+            verdict = "pass" if max(over, own) < TARGET else "FAIL"
+            print(f"{kind:<10}{n:>7}{tuner_s:>14.2f}{bare_s:>13.2f}{100 * over:>12.2f}{100 * own:>12.2f}"
                   f"{'< ' + format(100 * TARGET, 'g') + '%':>8}  {verdict}")
-            in_trial = statistics.median(
-                1000 * (sum(t.trial_s) - sum(bt)) / len(t.trial_s) for t, _, bt in results)
-            gaps = statistics.median(1000 * sum(t.gaps_s) / len(t.trial_s) for t, _, _ in results)
-            per_trial = statistics.median(1000 * (t.wall_s - b) / len(t.trial_s) for t, b, _ in results)
-            startup = statistics.median(t.startup_s for t, _, _ in results)
-            tail = statistics.median(t.tail_s for t, _, _ in results)
-            breakdown.append((kind, per_trial, in_trial, gaps, startup, tail))
+        print("  overhead_%: (tuner wall - bare wall) / tuner wall, median of rounds (1); own_work_%: 1 - compute / "
+              "worker wall in one timed in-process run (2)")
+        for kind, results in runs.items():
+            rounds = " ".join(f"{100 * (t.wall_s - sum(b)) / t.wall_s:+.1f}" for t, b in results)
+            print(f"  {kind} overhead_% per round: {rounds}")
+
         print()
-        print("where the extra time goes, per trial (medians; ms), and once per run (s, not in the wall above):")
+        print("(1) the tuner's extra wall per trial (ms, medians) and once per run (s, not in the walls above):")
         print(f"{'store':<10}{'extra_ms':>10}{'in_trial_ms':>13}{'between_ms':>12}{'startup_s':>11}{'exit_s':>8}")
-        for kind, per_trial, in_trial, gaps, startup, tail in breakdown:
-            print(f"{kind:<10}{per_trial:>10.1f}{in_trial:>13.1f}{gaps:>12.1f}{startup:>11.2f}{tail:>8.2f}")
-        print("  in_trial: ask -> tell minus the bare trial (sampling, attrs, report, prune check, checkpoints, tell);")
-        print("  between: tell -> next ask (stale-trial check, trial counts); startup: launch -> first trial")
+        for kind, results in runs.items():
+            extra = statistics.median(1000 * (t.wall_s - sum(b)) / n for t, b in results)
+            in_trial = statistics.median(1000 * (sum(t.trial_s) - sum(b)) / n for t, b in results)
+            between = statistics.median(1000 * sum(t.gaps_s) / n for t, _ in results)
+            startup = statistics.median(t.startup_s for t, _ in results)
+            exit_s = statistics.median(t.exit_s for t, _ in results)
+            print(f"{kind:<10}{extra:>10.1f}{in_trial:>13.1f}{between:>12.1f}{startup:>11.2f}{exit_s:>8.2f}")
+        print("  in_trial: ask -> tell minus the bare trial; between: tell -> next ask; startup: launch -> first trial")
+
+        print()
+        print("(2) the worker's wall by phase (ms per trial; exclusive, main thread):")
+        print(f"{'phase':<34}" + "".join(f"{k + '_ms':>13}{'%':>7}" for k in stores) + f"{'calls/trial':>13}")
+        labels = list(timed[stores[0]][1])
+        for label in labels:
+            cells = "".join(f"{1000 * timed[k][1][label][1] / n:>13.1f}{100 * timed[k][1][label][1] / timed[k][0]:>7.2f}"
+                            for k in stores)
+            print(f"{label:<34}{cells}{timed[stores[0]][1][label][0] / n:>13.1f}")
+        cells = "".join(f"{1000 * own_work(*timed[k]) * timed[k][0] / n:>13.1f}{100 * own_work(*timed[k]):>7.2f}"
+                        for k in stores)
+        print(f"{'= own work (all but compute)':<34}{cells}")
+
         if args.profile:
             for kind in stores:
                 print()
-                print(f"profile ({kind}, in-process worker):")
-                profile_worker(kind, spec_dict(f"overhead-profile-{kind}", args.trials, args.epochs, args.hidden), tmp)
+                print_profile(kind, spec_dict(f"overhead-profile-{kind}", n, args.epochs, args.hidden), tmp, n)
 
 
 if __name__ == "__main__":
