@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import queue
 import socket
 import threading
 import time
@@ -108,11 +109,52 @@ class _Heartbeats:
                     pass
 
 
+class _CheckpointWriter:
+    """Writes checkpoints on a background thread: the epoch loop hands over CPU copies and trains on.
+
+    Each write is atomic (temp file, then rename), so a kill leaves the previous complete checkpoint;
+    with writes far shorter than epochs, at most the epoch in flight is lost. `flush` waits for the
+    queue before a trial is told or handed back, so its retry always finds its newest checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[dict[str, Any], Path] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._path_hint: Path | None = None
+        self._thread = threading.Thread(target=self._run, name="tuner-checkpoints", daemon=True)
+        self._thread.start()
+
+    def put(self, checkpoint: dict[str, Any], path: Path) -> None:
+        self._queue.put((checkpoint, path))
+
+    def flush(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise TunerError(f"cannot write a checkpoint under {self._path_hint}: {error}; check the artifact folder")
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            checkpoint, path = item
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_atomic(checkpoint, path)
+            except BaseException as err:  # noqa: BLE001 - reported to the main thread by flush()
+                self._error, self._path_hint = err, path.parent
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+
 @dataclass
 class _Running:
     trial: optuna.Trial
     config: TrainConfig
-    key: tuple[PopulationShape, DataConfig]
+    key: tuple[Any, ...]
     slot: int
     started: float
     resumed_from: int | None
@@ -148,8 +190,8 @@ class Worker:
         self.artifact_store = artifact_store(storage_url, artifacts)  # trial images, for the dashboard
         self.latent_max, self.hidden_max = space.size_bounds(self.spec)
         self.splits: dict[DataConfig, Splits] = {}
-        self.populations: dict[tuple[PopulationShape, DataConfig], Population] = {}
-        self.running: dict[tuple[tuple[PopulationShape, DataConfig], int], _Running] = {}
+        self.populations: dict[tuple[Any, ...], Population] = {}
+        self.running: dict[tuple[tuple[Any, ...], int], _Running] = {}
         self.slots = slots or auto_slots(self.device, self.spec, self._splits(self.spec.base.data).dim)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.summary = WorkerSummary()
@@ -167,6 +209,7 @@ class Worker:
             f"device {self.device}, {self.slots} slot(s)"
         )
         last_stale_check = 0.0
+        self._checkpoints = _CheckpointWriter()
         with _Heartbeats(self.storage) as self._heartbeats:
             while True:
                 if time.monotonic() - last_stale_check > _POLL_S * 5:
@@ -183,6 +226,8 @@ class Worker:
                     break
                 else:
                     time.sleep(_POLL_S)  # other workers hold the last trials: retry them if they die
+        self._checkpoints.flush()
+        self._checkpoints.close()
         return self.summary
 
     def _budget_met(self) -> bool:
@@ -218,12 +263,20 @@ class Worker:
             self.splits[data] = load_splits(data, 1, self.device)
         return self.splits[data]
 
-    def _population(self, config: TrainConfig) -> tuple[tuple[PopulationShape, DataConfig], Population]:
-        key = (PopulationShape.of(config), config.data)
+    def _population(self, config: TrainConfig) -> tuple[tuple[Any, ...], Population]:
+        """The population this config trains in. With one slot it is sized to the config exactly:
+        padding to the space's maxima buys nothing there and cost +35% epoch time on CPU."""
+        key: tuple[Any, ...] = (PopulationShape.of(config), config.data)
+        latent, hidden = self.latent_max, self.hidden_max
+        if self.slots == 1:
+            latent, hidden = config.model.latent, config.model.hidden
+            key += (latent, hidden)
+            for idle in [k for k, pop in self.populations.items() if k != key and not pop.running()]:
+                del self.populations[idle]  # one trial at a time: drop populations of finished sizes
         if key not in self.populations:
             self.populations[key] = Population(
-                key[0], self._splits(config.data), slots=self.slots, latent_max=self.latent_max,
-                hidden_max=self.hidden_max, device=self.device,
+                key[0], self._splits(config.data), slots=self.slots, latent_max=latent,
+                hidden_max=hidden, device=self.device,
             )
         return key, self.populations[key]
 
@@ -269,9 +322,7 @@ class Worker:
                 # counter-based noise makes that epoch's numbers the same as the ones reported
                 if math.isfinite(r.val_neg_elbo) and self.spec.objective != "multi":
                     run.trial.report(r.val_neg_elbo, r.epoch)  # (Optuna has no report for multi-objective)
-                path = self._checkpoint_path(run.trial.number)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_atomic(pop.slot_checkpoint(r.slot), path)
+                self._checkpoints.put(pop.slot_checkpoint(r.slot), self._checkpoint_path(run.trial.number))
                 if r.status == "stopped":
                     self._end(run, pop, TrialState.PRUNED, reason=r.reason)
                 elif r.status == "finished":
@@ -332,6 +383,7 @@ class Worker:
             attrs["val_neg_elbo_curve"] = [row["val_neg_elbo"] for row in pop.state[run.slot].history]
         for name, value in attrs.items():
             trial.set_user_attr(name, value)
+        self._checkpoints.flush()  # the trial's final checkpoint is on disk before it is told
         if state == TrialState.COMPLETE:
             strategy.mark_collapse(trial)  # the sampler learns to avoid collapse (a constraint)
         self.study.tell(trial, values, state=state)
@@ -354,10 +406,11 @@ class Worker:
         retry = self.storage.get_heartbeat_stale_trial_callback()
         for run in list(self.running.values()):
             pop = self.populations[run.key]
+            self._checkpoints.flush()  # the newest checkpoint is on disk: the retry resumes from it
             path = self._checkpoint_path(run.trial.number)
             if pop.state[run.slot].epoch > 0 and not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_atomic(pop.slot_checkpoint(run.slot), path)
+                self._checkpoints.put(pop.slot_checkpoint(run.slot), path)
+                self._checkpoints.flush()
             run.trial.set_user_attr("handed_back", f"worker {self.worker_id} stopped at epoch {pop.state[run.slot].epoch}")
             frozen = self.study.tell(run.trial, state=TrialState.FAIL)
             if retry is not None:
