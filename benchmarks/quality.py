@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuner.spec import load_config, parse_config  # noqa: E402
+from tuner.spec import load_config, with_epochs  # noqa: E402
 from tuner.train import train_config  # noqa: E402
 
 TARGET_NLL = 108.0
@@ -30,9 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     if args.epochs is not None:
-        raw = config.model_dump(mode="json")
-        raw["train"]["epochs"] = args.epochs
-        config = parse_config(raw)
+        config = with_epochs(config, args.epochs, source=args.config)
     with tempfile.TemporaryDirectory() as out:
         m = train_config(config, out, device=args.device).metrics
     print(f"config: {args.config} ({config.train.epochs} epochs, device {m['device']})")

@@ -35,14 +35,12 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Override train.epochs.")] = None,
 ) -> None:
     """Train one fully specified config and evaluate it on the test split."""
-    from tuner.spec import load_config, parse_config
+    from tuner.spec import load_config, with_epochs
     from tuner.train import train_config
 
     cfg = load_config(config)
     if epochs is not None:
-        raw = cfg.model_dump(mode="json")
-        raw["train"]["epochs"] = epochs
-        cfg = parse_config(raw, source=str(config))
+        cfg = with_epochs(cfg, epochs, source=str(config))
     columns = (
         TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[stats]}"),

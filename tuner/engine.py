@@ -12,7 +12,6 @@ frozen at once and stopped with a reason at the end of the epoch.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -89,32 +88,25 @@ class EpochResult:
     reason: str | None
 
 
-def _hyperparameters(config: TrainConfig) -> dict[str, float]:
-    """A config's per-slot schedule values, as the tensors of :mod:`tuner.schedules` want them."""
-    o, k = config.optim, config.kl
-    return {
-        "lr": o.lr,
-        "lr_warmup": o.warmup_epochs,
-        "lr_decay": schedules.LR_DECAYS.index(o.decay),
-        "min_lr_ratio": o.min_lr_ratio,
-        "step_epochs": o.step_epochs,
-        "step_gamma": o.step_gamma,
-        "grad_clip": o.grad_clip if o.grad_clip > 0 else math.inf,
-        "kl_kind": schedules.KL_SCHEDULES.index(k.schedule),
-        "beta": k.beta,
-        "kl_warmup": k.warmup_epochs,
-        "cycles": k.cycles,
-        "ratio": k.ratio,
-        "capacity": k.capacity,
-        "free_bits": k.free_bits,
-        "epochs": config.train.epochs,
-    }
-
-
 _HYPERPARAMETERS = (
     "lr", "lr_warmup", "lr_decay", "min_lr_ratio", "step_epochs", "step_gamma", "grad_clip",
     "kl_kind", "beta", "kl_warmup", "cycles", "ratio", "capacity", "free_bits", "epochs",
 )
+
+
+def _hyperparameters(config: TrainConfig) -> dict[str, float]:
+    """A config's per-slot schedule values, as the tensors of :mod:`tuner.schedules` want them
+    (named by _HYPERPARAMETERS, which sizes the tensors before any config exists)."""
+    o, k = config.optim, config.kl
+    values = (
+        o.lr, o.warmup_epochs, schedules.LR_DECAYS.index(o.decay), o.min_lr_ratio, o.step_epochs, o.step_gamma,
+        o.grad_clip if o.grad_clip > 0 else math.inf,
+        schedules.KL_SCHEDULES.index(k.schedule), k.beta, k.warmup_epochs, k.cycles, k.ratio, k.capacity,
+        k.free_bits, config.train.epochs,
+    )
+    return dict(zip(_HYPERPARAMETERS, values, strict=True))
+
+
 _CODES = ("lr_decay", "kl_kind")
 
 
@@ -159,10 +151,8 @@ class Population:
     ) -> None:
         self.shape, self.splits, self.slots = shape, splits, slots
         self.device = torch.device(device)
-        self.model = VAE(
-            arch=shape.arch, likelihood=shape.likelihood, image_shape=splits.image_shape, slots=slots,
-            latent_max=latent_max, hidden_max=hidden_max, depth=shape.depth, channels=max(shape.channels, 1),
-        ).to(self.device)
+        self.latent_max, self.hidden_max = latent_max, hidden_max
+        self.model = self._new_model(slots)
         self.params = list(self.model.parameters())
         self.names = [n for n, _ in self.model.named_parameters()]
         self.flat, self.offsets = _flatten(self.params)  # (S, P); self.params are views into it
@@ -422,10 +412,7 @@ class Population:
     def slot_model(self, slot: int, best: bool = True) -> VAE:
         """A one-slot copy of a slot's model (its best-validation weights if `best`), in eval mode."""
         m = self.model
-        single = VAE(
-            arch=m.arch, likelihood=m.likelihood, image_shape=m.image_shape, slots=1, latent_max=m.latent_max,
-            hidden_max=m.hidden_max, depth=m.depth, channels=max(self.shape.channels, 1),
-        ).to(self.device)
+        single = self._new_model(1)
         source = self.best if best else self.params
         for p, src in zip(single.parameters(), source):
             p[0] = src[slot]
@@ -433,5 +420,11 @@ class Population:
         single.dropout_rate[0] = m.dropout_rate[slot]
         return single.eval()
 
-    def elapsed(self) -> float:
-        return time.perf_counter()
+    def _new_model(self, slots: int) -> VAE:
+        """A VAE of this population's shape and size maxima with `slots` slots, on its device."""
+        shape = self.shape
+        return VAE(
+            arch=shape.arch, likelihood=shape.likelihood, image_shape=self.splits.image_shape, slots=slots,
+            latent_max=self.latent_max, hidden_max=self.hidden_max, depth=shape.depth,
+            channels=max(shape.channels, 1),
+        ).to(self.device)

@@ -19,7 +19,8 @@ from pathlib import Path
 import optuna
 
 from tuner.errors import TunerError
-from tuner.ranking import open_study, rank_study, render_ranking
+from tuner.ranking import rank_study, render_ranking
+from tuner.study import open_study
 from tuner.spec import config_to_yaml, parse_config
 from tuner.storage import check_storage, mask_url, open_storage
 
@@ -46,7 +47,7 @@ def export_top(
     """
     if top < 1:
         raise TunerError(f"--top must be at least 1, but got top={top}; give the number of trials to export")
-    from tuner.worker import artifacts_root  # (imports torch: only when there is something to export)
+    from tuner.artifacts import artifacts_root  # (imports torch: only when there is something to export)
 
     study, frame = rank_study(storage_url, study_name, by=by, include_collapsed=include_collapsed)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from tuner.study_spec import StudySpec
 from tuner.study import create_or_resume, study_counts
-from tuner.worker import artifacts_root
+from tuner.artifacts import artifacts_root
 
 __all__ = ["LaunchResult", "launch"]
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tuner import noise
 from tuner.errors import TunerError
 from tuner.layers import StackedConv2d, StackedConvTranspose2d, StackedLinear, fold_slots, unfold_slots
+from tuner.metrics import gaussian_kl_per_dim
 from tuner.schedules import free_bits_kl
 
 __all__ = ["VAE", "VAEOutput"]
@@ -178,7 +179,7 @@ class VAE(nn.Module):
         eps = noise.normal(noise.derive(key, _STREAM_EPS), tuple(mu.shape[1:]))  # (S, B, Zmax)
         z = mu + torch.exp(0.5 * logvar) * eps
         recon = -self.log_likelihood(x, self.decode(z, key)).mean(1)  # (S,)
-        kl_per_dim = 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar)  # (S, B, Zmax), 0 on padding
+        kl_per_dim = gaussian_kl_per_dim(mu, logvar)  # (S, B, Zmax), 0 on padding
         kl = kl_per_dim.sum(-1).mean(1)
         kl_term = free_bits_kl(kl_per_dim, free_bits, self.latent_mask)
         loss = recon + kl_weight * (kl_term - capacity).abs()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,14 +20,15 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.atomic import write_atomic
 from tuner.errors import TunerError
-from tuner.storage import check_storage, mask_url, open_storage, store_exists
+from tuner.study import open_study
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 __all__ = [
-    "FORMATS", "METRIC_COLUMNS", "PARETO_OBJECTIVES", "RANK_BY", "STATES", "open_study", "pareto_front",
+    "FORMATS", "METRIC_COLUMNS", "PARETO_OBJECTIVES", "RANK_BY", "STATES", "pareto_front",
     "rank_study", "ranking_frame", "ranking_records", "ranking_table", "render_ranking", "save_ranking",
 ]
 
@@ -123,22 +123,6 @@ def ranking_frame(
     return out[columns + [c for c in out.columns if c.startswith("params.")]]
 
 
-def open_study(storage_url: str, study_name: str) -> optuna.Study:
-    """The study ``study_name`` in an existing store, for reading; one-line TunerError when it is not
-    there. Creates nothing: a SQLite file that does not exist is reported, not made."""
-    check_storage(storage_url)
-    if not store_exists(storage_url):
-        raise TunerError(f"no study '{study_name}' in {mask_url(storage_url)}: the file does not exist; "
-                         "check --storage (or $TUNER_STORAGE)")
-    storage = open_storage(storage_url, heartbeat_interval=None, grace_period=None)  # a reader beats for no trial
-    names = optuna.get_all_study_names(storage)
-    if study_name not in names:
-        known = ", ".join(sorted(names)[:8]) or "none"
-        raise TunerError(f"no study '{study_name}' in {mask_url(storage_url)} (studies: {known}); check the name "
-                         "and --storage")
-    return optuna.load_study(study_name=study_name, storage=storage)
-
-
 def rank_study(
     storage_url: str, study_name: str, *, by: str = "nll", include_collapsed: bool = False,
     states: Sequence[str] = ("complete",), top: int | None = None,
@@ -193,12 +177,9 @@ def save_ranking(frame: pd.DataFrame, fmt: str, path: str | Path) -> Path:
     """Write render_ranking(frame, fmt) to ``path`` via a temporary file: never a torn file."""
     data = render_ranking(frame, fmt)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise TunerError(f"--out '{path}': cannot write it ({err.strerror}); choose a writable path") from None
     return path
 

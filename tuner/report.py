@@ -14,7 +14,6 @@ import html
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from plotly.offline import get_plotlyjs
 
 from tuner import __version__
 from tuner.artifacts import IMAGE_NAMES, artifact_store, trial_images
+from tuner.atomic import write_atomic
 from tuner.errors import TunerError
 from tuner.ranking import rank_study
 from tuner.storage import mask_url
@@ -67,7 +67,7 @@ def write_report(
     _check_out(out)
     study, frame = rank_study(storage_url, study_name)  # creates nothing; no complete trial is an error
     page = render_report(study, frame, artifact_store(storage_url, artifacts), top=top, source=mask_url(storage_url))
-    _write_atomic(out, page)
+    _write_report(out, page)
     return out
 
 
@@ -117,25 +117,13 @@ def _check_out(out: Path) -> None:
         raise TunerError(f"--out '{out}': folder '{folder}' is not writable; choose a writable folder")
 
 
-def _write_atomic(out: Path, text: str) -> None:
-    """Write to a temporary file in ``out``'s folder, then rename it over ``out`` (same file system)."""
+def _write_report(out: Path, text: str) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        write_atomic(out, text)
     except OSError as e:
         raise TunerError(
             f"--out '{out}': cannot write in '{out.parent}' ({e.strerror}); choose a writable folder"
         ) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for sharing
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise TunerError(f"--out '{out}': cannot write it ({e.strerror}); choose another path") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ figures

@@ -43,6 +43,7 @@ __all__ = [
     "read_yaml",
     "to_yaml",
     "validate",
+    "with_epochs",
 ]
 
 
@@ -250,6 +251,13 @@ def parse_config(raw: Any, source: str = "config") -> TrainConfig:
 def load_config(path: str | Path) -> TrainConfig:
     """Read and validate a YAML training config."""
     return parse_config(*read_yaml(path, "config"))
+
+
+def with_epochs(config: TrainConfig, epochs: int, source: str = "config") -> TrainConfig:
+    """`config` with train.epochs replaced (re-validated, so a bad value is a one-line error)."""
+    raw = config.model_dump(mode="json")
+    raw["train"]["epochs"] = epochs
+    return parse_config(raw, source=source)
 
 
 def config_to_yaml(config: TrainConfig) -> str:

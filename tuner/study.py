@@ -23,7 +23,7 @@ from tuner.study_spec import StudySpec, parse_study_spec
 from tuner.storage import check_storage, mask_url, open_storage, store_exists
 
 __all__ = [
-    "SPEC_ATTR", "StudyCounts", "create_or_resume", "load_study", "started_at", "studies_status", "study_counts",
+    "SPEC_ATTR", "StudyCounts", "create_or_resume", "load_study", "open_study", "started_at", "studies_status", "study_counts",
 ]
 
 SPEC_ATTR = "tuner_spec"
@@ -80,6 +80,29 @@ def create_or_resume(spec: StudySpec, storage_url: str | None = None) -> optuna.
     return study
 
 
+def _existing_store(storage_url: str, study_name: str) -> optuna.storages.BaseStorage:
+    """A reader's storage for a store that exists; creates nothing (a missing SQLite file is reported)."""
+    check_storage(storage_url)
+    if not store_exists(storage_url):
+        raise TunerError(f"no study '{study_name}' in {mask_url(storage_url)}: the file does not exist; "
+                         "check --storage (or $TUNER_STORAGE)")
+    return open_storage(storage_url, heartbeat_interval=None, grace_period=None)  # a reader beats for no trial
+
+
+def open_study(
+    storage_url: str, study_name: str, storage: optuna.storages.BaseStorage | None = None
+) -> optuna.Study:
+    """The study ``study_name`` in an existing store, for reading; one-line TunerError when it is not
+    there. Creates nothing."""
+    storage = storage or _existing_store(storage_url, study_name)
+    names = optuna.get_all_study_names(storage)
+    if study_name not in names:
+        known = ", ".join(sorted(names)[:8]) or "none"
+        raise TunerError(f"no study '{study_name}' in {mask_url(storage_url)} (studies: {known}); check the name "
+                         "and --storage")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
 def load_study(
     storage_url: str, study_name: str, storage: optuna.storages.BaseStorage | None = None, worker: int = 0
 ) -> tuple[optuna.Study, StudySpec]:
@@ -87,16 +110,8 @@ def load_study(
 
     worker: a number unique to the calling process (its pid): samplers seeded per worker, so
     parallel workers do not propose the same trials."""
-    if storage is None:
-        check_storage(storage_url)
-        if not store_exists(storage_url):
-            raise TunerError(f"no study '{study_name}': {mask_url(storage_url)} does not exist; check --storage")
-        storage = open_storage(storage_url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-    if study_name not in names:
-        known = ", ".join(sorted(names)[:8]) or "none"
-        raise TunerError(f"no study '{study_name}' in {mask_url(storage_url)} (studies: {known}); check --study")
-    attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
+    storage = storage or _existing_store(storage_url, study_name)
+    attrs = open_study(storage_url, study_name, storage).user_attrs
     if SPEC_ATTR not in attrs:
         raise TunerError(f"study '{study_name}' was not created by tuner; it has no spec to train from")
     raw = json.loads(attrs[SPEC_ATTR])

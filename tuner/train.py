@@ -8,8 +8,8 @@ A run folder reloads and reruns with no other input (STYLE rule 8):
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ import torch
 
 from tuner import metrics
 from tuner.artifacts import render_images
+from tuner.atomic import write_atomic
 from tuner.data import load_splits
 from tuner.engine import EpochResult, Population
 from tuner.errors import TunerError
@@ -66,10 +67,10 @@ def _writable_dir(out_dir: Path) -> Path:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a torn checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, written atomically: a crash never leaves a torn checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def _sanity_batch(pop: Population, slot: int) -> None:

@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from tuner.storage import mask_url, open_storage
 from tuner.study import load_study, started_at, study_counts
 from tuner.train import resolve_device, save_atomic
 
-__all__ = ["Worker", "WorkerSummary", "artifacts_root", "auto_slots"]
+__all__ = ["Worker", "WorkerSummary", "auto_slots"]
 
 # ask/tell with a heartbeat storage is what Optuna's own optimize() does internally; its warnings
 # about it (and about the experimental stale-trial check) would repeat on every trial
@@ -157,7 +157,6 @@ class _Running:
     key: tuple[Any, ...]
     slot: int
     started: float
-    resumed_from: int | None
 
 
 @dataclass
@@ -168,7 +167,6 @@ class WorkerSummary:
     handed_back: int = 0
     resumed: int = 0
     model_epochs: int = 0
-    trials: list[int] = field(default_factory=list)
 
 
 class Worker:
@@ -306,7 +304,7 @@ class Worker:
         for name, value in (("seed", seed), ("worker", self.worker_id), ("device", str(self.device)),
                             ("config", config.model_dump(mode="json"))):
             trial.set_user_attr(name, value)
-        self.running[(key, slot)] = _Running(trial, config, key, slot, time.time(), resumed)
+        self.running[(key, slot)] = _Running(trial, config, key, slot, time.time())
         self.log(f"trial {trial.number} started" + (f" (resumed from trial {resumed}, epoch {pop.state[slot].epoch})"
                                                      if resumed is not None else ""))
 
@@ -394,7 +392,6 @@ class Worker:
         else:
             self.summary.pruned += 1
             self.log(f"trial {trial.number} pruned: {reason}")
-        self.summary.trials.append(trial.number)
 
     def _release(self, run: _Running, pop: Population) -> None:
         pop.release(run.slot)

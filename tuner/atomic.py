@@ -1,0 +1,29 @@
+"""Atomic file writes: a reader never sees a torn file, and a crash never leaves one behind.
+
+The data goes to a temporary file in the target's folder (the same file system), which is then
+renamed over the target; on any failure the temporary file is removed and the error re-raised,
+so each caller turns it into its own one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_atomic"]
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` (str as UTF-8) to `path` atomically; OSError (nothing left behind) on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints, rankings and reports are shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
