@@ -184,3 +184,30 @@ class VAE(nn.Module):
         kl_term = free_bits_kl(kl_per_dim, free_bits, self.latent_mask)
         loss = recon + kl_weight * (kl_term - capacity).abs()
         return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
+
+    # -------------------------------------------------------------------- local posteriors
+    def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
+        """The encoder's per-example variational parameters for x (S, B, D), each (S, B, ...).
+
+        Amortization makes one encoder guess these for every x; analyses that instead optimize
+        them per example (the amortization gap) start from this dict, change its tensors and score
+        them with :meth:`neg_elbo_local`. Global parameters (weights, a prior, a flow) stay in the model.
+        """
+        mu, logvar = self.encode(x)
+        return {"mu": mu, "logvar": logvar}
+
+    def neg_elbo_local(self, x: Tensor, local: dict[str, Tensor], keys: Tensor, samples: int = 1) -> Tensor:
+        """-ELBO (beta = 1) of every example given its local posterior: (S, B) nats.
+
+        keys (S, B) int64, one per example; sample j draws eps from ``noise.derive(keys, j)``, so
+        the estimate is a pure function of the keys and is differentiable in ``local``.
+        """
+        mu, logvar = local["mu"], local["logvar"]
+        mask = self.latent_mask.unsqueeze(1)
+        total = torch.zeros(mu.shape[:2], device=mu.device)
+        for j in range(samples):
+            eps = noise.normal(noise.derive(keys, j).reshape(-1), (mu.shape[-1],)).view_as(mu)
+            z = (mu + torch.exp(0.5 * logvar) * eps) * mask
+            total = total - self.log_likelihood(x, self.decode(z))
+        kl = (gaussian_kl_per_dim(mu, logvar) * mask).sum(-1)
+        return total / samples + kl
