@@ -17,7 +17,7 @@ $(VENV)/bin/python:
 # Re-installs only when pyproject.toml changes; the stamp marks a finished install.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install torch==2.13.0
-	$(VENV)/bin/pip install -e ".[dev]"
+	$(VENV)/bin/pip install -e ".[dev,ray]"
 	touch $@
 
 # Kept as a target name too (`make .venv`).

@@ -205,6 +205,7 @@ def _phases(worker: Any) -> list[tuple[str, Any, str]]:
         ("space.sample (suggest_*)", tuner.space, "sample"),
         ("spec.train_config (pydantic)", type(worker.spec), "train_config"),
         ("storage.get_trial (retry check)", type(worker.storage), "get_trial"),
+        ("set_user_attrs (one transaction)", tuner.worker, "set_user_attrs"),
         ("trial.set_user_attr", optuna.Trial, "set_user_attr"),
         ("trial.report", optuna.Trial, "report"),
         ("trial.should_prune", optuna.Trial, "should_prune"),

@@ -1,9 +1,13 @@
 """Train the documented default config and print its test scores and wall time.
 
     python benchmarks/quality.py [--config configs/mnist-mlp.yaml] [--epochs N] [--device auto]
+    python benchmarks/quality.py --families gaussian,mog,vamp,iaf,ladder [--epochs N]
 
 The foundation's quality bar: the default config, 50 epochs on CPU, reaches a test IWAE NLL
 (K=200) of at most 108 nats on mnist5k with the seeded 3500/500/1000 split.
+``--families`` trains the same config once per model family (FAMILIES: the model fields each
+sets) at the same epoch budget and prints one row per family: test IWAE NLL, -ELBO, KL, active
+units, MI (for non-Gaussian families KL and MI are estimates: see tuner.metrics).
 """
 
 from __future__ import annotations
@@ -12,14 +16,46 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuner.spec import load_config, with_epochs  # noqa: E402
+from tuner.spec import TrainConfig, load_config, parse_config, with_epochs  # noqa: E402
 from tuner.train import train_config  # noqa: E402
 
 TARGET_NLL = 108.0
+FAMILIES: dict[str, dict[str, Any]] = {  # model fields over the config's, per family
+    "gaussian": {},
+    "mog": {"prior": "mog", "prior_components": 10},
+    "vamp": {"prior": "vamp", "prior_components": 50},
+    "iaf": {"posterior": "iaf", "flow_steps": 2},
+    "ladder": {"hierarchy": "ladder", "latent2": 16},
+}
+FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "train_s")
+
+
+def family_config(config: TrainConfig, family: str) -> TrainConfig:
+    """`config` with the family's model fields (validated again)."""
+    raw = config.model_dump(mode="json")
+    raw["model"].update(FAMILIES[family])
+    return parse_config(raw, source=f"family {family}")
+
+
+def family_rows(config: TrainConfig, families: list[str], device: str) -> list[dict[str, Any]]:
+    """One row per family: the family's name and its test metrics (metrics.json's keys)."""
+    rows = []
+    for family in families:
+        with tempfile.TemporaryDirectory() as out:
+            rows.append({"family": family, **train_config(family_config(config, family), out, device=device).metrics})
+    return rows
+
+
+def print_family_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'family':<10}" + "".join(f"{c:>14}" for c in FAMILY_COLUMNS))
+    for row in rows:
+        cells = (f"{row[c]:>14.2f}" if isinstance(row[c], float) else f"{row[c]!s:>14}" for c in FAMILY_COLUMNS)
+        print(f"{row['family']:<10}" + "".join(cells))
 
 
 def main() -> None:
@@ -27,10 +63,19 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "mnist-mlp.yaml"))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--families", default=None, help=f"comma-separated, of {', '.join(FAMILIES)}")
     args = parser.parse_args()
     config = load_config(args.config)
     if args.epochs is not None:
         config = with_epochs(config, args.epochs, source=args.config)
+    if args.families is not None:
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown or not families:
+            parser.error(f"--families: unknown {unknown}; use a comma-separated list of {', '.join(FAMILIES)}")
+        print(f"config: {args.config} ({config.train.epochs} epochs each, test split, K={config.train.iwae_k})")
+        print_family_table(family_rows(config, families, args.device))
+        return
     with tempfile.TemporaryDirectory() as out:
         m = train_config(config, out, device=args.device).metrics
     print(f"config: {args.config} ({config.train.epochs} epochs, device {m['device']})")

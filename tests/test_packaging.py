@@ -49,7 +49,7 @@ def test_makefile_pins_torch_inside_the_range_before_installing_the_project():
     pin = re.search(r"pip install torch==([\w.]+)", recipe)
     assert pin, "the venv recipe must install a pinned torch"
     assert _requirement("torch").specifier.contains(pin.group(1))
-    assert recipe.index("torch==") < recipe.index('-e ".[dev]"'), "torch must be installed first"
+    assert recipe.index("torch==") < recipe.index('-e ".[dev,ray]"'), "torch must be installed first"
 
 
 def test_ci_runs_the_makefile_test_target_and_that_runs_pytest():

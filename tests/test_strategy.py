@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any
 
 import optuna
@@ -21,7 +22,9 @@ from optuna.trial import TrialState, create_trial
 from tuner import space
 from tuner.errors import TunerError
 from tuner.study_spec import StudySpec, parse_study_spec
-from tuner.strategy import build_pruner, build_sampler, collapse_constraint, directions, mark_collapse
+from tuner.strategy import (
+    CachedPercentilePruner, build_pruner, build_sampler, collapse_constraint, directions, mark_collapse,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # QMC, Patient
@@ -89,9 +92,9 @@ def test_seeds_replay_and_workers_get_their_own(name: str) -> None:
 @pytest.mark.parametrize(
     ("pruner", "cls", "attrs"),
     [
-        ({"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2, "interval_steps": 2}, MedianPruner,
+        ({"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2, "interval_steps": 2}, CachedPercentilePruner,
          {"_percentile": 50.0, "_n_startup_trials": 3, "_n_warmup_steps": 2, "_interval_steps": 2}),
-        ({"name": "percentile", "percentile": 30.0}, PercentilePruner,
+        ({"name": "percentile", "percentile": 30.0}, CachedPercentilePruner,
          {"_percentile": 30.0, "_n_startup_trials": 5, "_n_warmup_steps": 1, "_interval_steps": 1}),
         ({"name": "successive_halving", "min_resource": 2, "reduction_factor": 4, "min_early_stopping_rate": 1},
          SuccessiveHalvingPruner, {"_min_resource": 2, "_reduction_factor": 4, "_min_early_stopping_rate": 1}),
@@ -112,9 +115,53 @@ def test_patient_pruner_wraps_the_named_pruner() -> None:
     patient = {"name": "patient", "patience": 4, "min_delta": 0.5, "wrapped": "percentile", "percentile": 20.0}
     built = build_pruner(make_spec(pruner=patient))
     assert isinstance(built, PatientPruner) and (built._patience, built._min_delta) == (4, 0.5)
-    assert type(built._wrapped_pruner) is PercentilePruner and built._wrapped_pruner._percentile == 20.0
+    assert type(built._wrapped_pruner) is CachedPercentilePruner and built._wrapped_pruner._percentile == 20.0
     alone = build_pruner(make_spec(pruner={"name": "patient", "wrapped": "none"}))
     assert alone._wrapped_pruner is None and alone._patience == 2  # patience alone decides
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+@pytest.mark.parametrize(("percentile", "warmup", "interval", "n_min"), [(50.0, 0, 1, 1), (25.0, 2, 3, 4), (40.0, 1, 2, 20)])
+def test_cached_percentile_pruner_decides_as_optunas(
+    direction: str, percentile: float, warmup: int, interval: int, n_min: int
+) -> None:
+    """Same decision and same percentile (bit for bit) as Optuna's PercentilePruner on every step of
+    live trials, while complete trials (ragged curves, NaN, inf, ties) keep arriving between calls."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(int(percentile) + n_min)
+    study = optuna.create_study(direction=direction)
+    ours = CachedPercentilePruner(percentile, 3, warmup, interval, n_min_trials=n_min)
+    theirs = PercentilePruner(percentile, 3, warmup, interval, n_min_trials=n_min)
+
+    def value() -> float:
+        return rng.choice([float("nan"), float("inf"), 1.0, 2.0]) if rng.random() < 0.05 else round(rng.gauss(0, 1), 2)
+
+    decisions, pruned = 0, 0
+    for _ in range(60):
+        steps = rng.randint(1, 12)
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.0,
+                                     intermediate_values={s: value() for s in range(steps) if rng.random() < 0.9}))
+        live = study.ask()
+        for step in range(rng.randint(1, 12)):
+            live.report(value(), step)
+            frozen = study._storage.get_trial(live._trial_id)
+            decision = ours.prune(study, frozen)
+            assert decision == theirs.prune(study, frozen)
+            decisions, pruned = decisions + 1, pruned + decision
+        study.tell(live, state=TrialState.FAIL)
+    assert pruned > 5 and decisions - pruned > 5  # both outcomes were exercised
+
+    values = ours._studies[study.study_name]
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    for step in range(12):
+        at_step = np.array([t.intermediate_values[step] for t in complete if step in t.intermediate_values])
+        expected = float(np.nanpercentile(at_step, percentile)) if (~np.isnan(at_step)).any() else float("nan")
+        got = values.percentile(step, percentile, 1)
+        assert got == expected or (math.isnan(got) and math.isnan(expected)), step
 
 
 def pruned_at_first_rung(pruner: optuna.pruners.BasePruner) -> int:

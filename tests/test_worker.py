@@ -1,5 +1,7 @@
-"""Workers against real stores and real processes: budgets, pruning, NaN slots, kill -9 + resume,
-Ctrl-C hand-back, and bad input that leaves nothing behind."""
+"""Workers against real stores and real processes: budgets, pruning, NaN slots, Ctrl-C hand-back,
+and bad input that leaves nothing behind (kill -9, store outages and unusable hosts: test_faults.py).
+
+The helpers here (study_yaml, run_cli, trials, by_state, wait_for) are shared with test_faults.py."""
 
 from __future__ import annotations
 
@@ -138,41 +140,14 @@ def test_nan_slot_is_pruned_with_a_reason_while_neighbours_finish(tmp_path: Path
     assert len({t.user_attrs["worker"] for t in ts}) == 1 and w.slots == 3
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 0.2 s until true; AssertionError naming ``what`` after ``timeout`` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_kill_9_mid_trial_is_retried_and_resumed(tmp_path: Path, small_npz: Path, pg_url: str) -> None:
-    url = pg_url
-    spec = study_yaml(tmp_path, small_npz, "kill", url, budget={"trials": 3, "epochs": 8})
-    create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
-    env = dict(os.environ, TUNER_STORAGE=url, PYTHONUNBUFFERED="1")
-    art = str(tmp_path / "art")
-    victim = subprocess.Popen([*TUNER, "worker", "--study", "kill", "--device", "cpu", "--artifacts", art],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # kill it once its first trial has checkpointed a few epochs
-    _wait_for(lambda: any(len(t.intermediate_values) >= 3 for t in trials(url, "kill")), 120, "3 epochs")
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed = [t for t in trials(url, "kill") if t.state == TrialState.RUNNING]
-    assert len(killed) == 1
-    survivor = run_cli("worker", "--study", "kill", "--device", "cpu", "--artifacts", art, env={"TUNER_STORAGE": url})
-    assert survivor.returncode == 0, survivor.stdout + survivor.stderr
-    ts = trials(url, "kill")
-    assert len(by_state(ts, TrialState.COMPLETE)) == 3
-    failed = by_state(ts, TrialState.FAIL)
-    assert [t.number for t in failed] == [killed[0].number]
-    retry = [t for t in ts if t.system_attrs.get("failed_trial") == killed[0].number]
-    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
-    assert retry[0].params == killed[0].params
-    assert "resumed from trial" in survivor.stdout
-    # resumed, not restarted: it inherited the epochs done before the kill and trained only the rest
-    assert sorted(retry[0].intermediate_values) == list(range(1, 9))
 
 
 def test_ctrl_c_hands_trials_back_and_rerun_continues(tmp_path: Path, small_npz: Path) -> None:
@@ -182,7 +157,7 @@ def test_ctrl_c_hands_trials_back_and_rerun_continues(tmp_path: Path, small_npz:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([*TUNER, "run", str(spec), "--workers", "1", "--artifacts", art], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: Path(f"{tmp_path}/c.db").exists() and any(
+    wait_for(lambda: Path(f"{tmp_path}/c.db").exists() and any(
         len(t.intermediate_values) >= 2 for t in trials(url, "ctrlc")), 120, "2 epochs")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -99,8 +99,8 @@ def render_images(
     xs = x[:RECONSTRUCTIONS].unsqueeze(0)  # (1, B, D)
     mu, _ = model.encode(xs)  # (1, B, Zmax)
     recon = model.mean_image(model.decode(mu))[0]
-    z = noise.normal(noise.keys_from_seeds(torch.tensor([seed], device=x.device)), (SAMPLES, model.latent_max))
-    samples = model.mean_image(model.decode(z))[0]  # (64, D)
+    z = model.prior_sample(noise.keys_from_seeds(torch.tensor([seed], device=x.device)), SAMPLES)  # (1, 64, Zmax)
+    samples = model.mean_image(model.decode(z))[0]  # (64, D), drawn from the model family's own prior
     images = {
         "reconstructions.png": reconstruction_grid(xs[0].cpu(), recon.cpu(), image_shape),
         "samples.png": image_grid(samples.cpu(), image_shape),

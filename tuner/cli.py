@@ -76,20 +76,34 @@ StorageOption = Annotated[
 @app.command()
 def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML (see studies/).")],
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Local worker processes (default: the spec's).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: the spec's).")] = None,
     storage: StorageOption = None,
-    devices: Annotated[Optional[str], typer.Option(help="GPUs to use, e.g. 0,1: one worker per GPU.")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="GPUs to use, e.g. 0,1: one worker per GPU (local launcher).")] = None,
     artifacts: Annotated[Optional[Path], typer.Option(help="Checkpoint/artifact root (default: beside the store).")] = None,
+    launcher: Annotated[str, typer.Option(help="local (processes on this host) or ray (actors on a Ray cluster).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (ray launcher; default: start a local instance).")] = None,
 ) -> None:
-    """Create or resume a study and run local workers until its budget is met."""
+    """Create or resume a study and run workers until its budget is met."""
     from tuner.launch import launch
     from tuner.ranking import ranking_frame
     from tuner.study_spec import load_study_spec
 
+    if launcher not in ("local", "ray"):
+        raise TunerError(f"--launcher '{launcher}' is not a launcher; use local or ray")
+    if launcher == "local" and address:
+        raise TunerError("--address names a Ray cluster; add --launcher ray (or drop --address)")
+    if launcher == "ray" and devices:
+        raise TunerError("--devices is for the local launcher; Ray gives each worker its GPU (drop --devices)")
     spec = load_study_spec(spec_path)
-    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
-    result = launch(spec, workers=workers, storage_url=storage, devices=device_list, artifacts=artifacts,
-                    console=err_console)
+    if launcher == "ray":
+        from tuner.ray_launch import launch_ray
+
+        result = launch_ray(spec, workers=workers, storage_url=storage, address=address, artifacts=artifacts,
+                            console=err_console)
+    else:
+        device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+        result = launch(spec, workers=workers, storage_url=storage, devices=device_list, artifacts=artifacts,
+                        console=err_console)
     frame = ranking_frame(result.study)
     if not frame.empty:
         shown = ["rank", "trial", "iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed"]
@@ -104,6 +118,24 @@ def run(
     elif any(code != 0 for code in result.exit_codes):
         logs = ", ".join(str(p) for p, c in zip(result.logs, result.exit_codes) if c != 0)
         raise TunerError(f"{sum(c != 0 for c in result.exit_codes)} worker(s) failed; see {logs}")
+
+
+@app.command()
+def create(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML (see studies/).")],
+    storage: StorageOption = None,
+) -> None:
+    """Create the spec's study (or check it exists with this spec) and start no worker: workers on
+    any host then join it with `tuner worker --study NAME`."""
+    from tuner.storage import mask_url
+    from tuner.study import create_or_resume, study_counts
+    from tuner.study_spec import load_study_spec
+
+    spec = load_study_spec(spec_path)
+    url = storage or spec.storage
+    counts = study_counts(create_or_resume(spec, url))
+    typer.echo(f"study '{spec.study}' ready in {mask_url(url)}: {counts.finished}/{spec.budget.trials} trials "
+               f"finished; join it with `tuner worker --study {spec.study}`")
 
 
 @app.command()

@@ -27,7 +27,7 @@ from tuner.optim import StackedOptimizer
 if TYPE_CHECKING:  # the engine imports with torch and numpy alone (no pydantic on a bare GPU box)
     from tuner.spec import TrainConfig
 
-__all__ = ["EpochResult", "Population", "PopulationShape", "SlotState"]
+__all__ = ["EpochResult", "Population", "PopulationShape", "SlotState", "latent_size"]
 
 CHECKPOINT_FORMAT = 1
 _STREAM_PERM, _STREAM_STEP, _STREAM_BINARIZE, _STREAM_VALID = 11, 12, 13, 14
@@ -40,7 +40,13 @@ SlotStatus = Literal["empty", "running", "finished", "stopped"]
 
 @dataclass(frozen=True)
 class PopulationShape:
-    """What slots of one population must share: everything that cannot be masked per slot."""
+    """What slots of one population must share: everything that cannot be masked per slot.
+
+    The model family is part of it (posterior, flow steps, prior, mixture components, hierarchy):
+    each changes the set or the shapes of the weights. A field a family does not use is stored as
+    its neutral value (flow_steps 0 unless iaf, prior_components 0 unless mog/vamp), so configs that
+    differ only in an ignored field share a population. The ladder's latent2 is masked like latent.
+    """
 
     arch: str
     depth: int
@@ -48,12 +54,28 @@ class PopulationShape:
     likelihood: str
     batch_size: int
     optimizer: str
+    posterior: str = "gaussian"
+    flow_steps: int = 0
+    prior: str = "normal"
+    prior_components: int = 0
+    hierarchy: str = "flat"
 
     @classmethod
     def of(cls, config: TrainConfig) -> PopulationShape:
         m = config.model
         channels = m.channels if m.arch == "conv" else 0
-        return cls(m.arch, m.depth, channels, m.likelihood, config.optim.batch_size, config.optim.name)
+        return cls(
+            m.arch, m.depth, channels, m.likelihood, config.optim.batch_size, config.optim.name,
+            posterior=m.posterior, flow_steps=m.flow_steps if m.posterior == "iaf" else 0,
+            prior=m.prior, prior_components=m.prior_components if m.prior != "normal" else 0,
+            hierarchy=m.hierarchy,
+        )
+
+
+def latent_size(config: TrainConfig) -> int:
+    """The most latent dims any level of this config needs: what a population's Zmax must hold."""
+    m = config.model
+    return max(m.latent, m.latent2) if m.hierarchy == "ladder" else m.latent
 
 
 @dataclass
@@ -181,7 +203,7 @@ class Population:
             raise ValueError(f"configs of different shapes cannot share a population: {sorted(map(str, shapes))}")
         pop = cls(
             shapes.pop(), splits, slots=len(configs), device=device,
-            latent_max=max(c.model.latent for c in configs), hidden_max=max(c.model.hidden for c in configs),
+            latent_max=max(latent_size(c) for c in configs), hidden_max=max(c.model.hidden for c in configs),
         )
         for slot, config in enumerate(configs):
             pop.assign(slot, config)
@@ -193,7 +215,9 @@ class Population:
         if PopulationShape.of(config) != self.shape:
             raise ValueError(f"config shape {PopulationShape.of(config)} does not fit population {self.shape}")
         m = config.model
-        self.model.init_slot(slot, seed=config.seed, latent=m.latent, hidden=m.hidden, dropout=m.dropout)
+        self.model.init_slot(
+            slot, seed=config.seed, latent=m.latent, hidden=m.hidden, dropout=m.dropout, latent2=m.latent2
+        )
         self.optimizer.reset_slot(slot)
         o = config.optim
         self.optimizer.configure_slot(slot, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum)
@@ -350,8 +374,8 @@ class Population:
         return {
             "format": CHECKPOINT_FORMAT,
             "config": st.config.model_dump(mode="json"),
-            "model": {n: p[slot].detach().cpu().clone() for n, p in zip(self.names, self.params)},
-            "best": {n: b[slot].cpu().clone() for n, b in zip(self.names, self.best)},
+            "model": self._split(self.flat[slot].detach().cpu().clone()),
+            "best": self._split(self.best_flat[slot].cpu().clone()),
             "optimizer": self._optimizer_state(slot),
             "step": int(self.step[slot]),
             "epoch": st.epoch,
@@ -363,16 +387,19 @@ class Population:
             "history": [dict(r) for r in st.history],
         }
 
+    def _split(self, row: Tensor) -> dict[str, Tensor]:
+        """One slot's flat (P,) CPU copy -> {parameter name: view}. Views, not copies: a checkpoint
+        is one contiguous copy per tensor kind (torch.save writes the shared storage once), which
+        keeps the per-epoch checkpoint to 4 copies instead of one per layer and kind."""
+        return {n: row[a:b].view(p.shape[1:]) for n, p, (a, b) in zip(self.names, self.params, self.offsets)}
+
     def _optimizer_state(self, slot: int) -> dict[str, Any]:
         """The optimizer's slot state with each flat moment split per named parameter, so that it
         loads into a population with other latent/hidden maxima (another layout of the flat vector)."""
         out: dict[str, Any] = {}
         for key, value in self.optimizer.slot_state(slot).items():
             if key.endswith(".0"):  # a moment of the flat parameter, (P,)
-                out[key] = {
-                    n: value[a:b].view(p.shape[1:]).clone()
-                    for n, p, (a, b) in zip(self.names, self.params, self.offsets)
-                }
+                out[key] = self._split(value)
             else:
                 out[key] = value
         return out
@@ -416,8 +443,9 @@ class Population:
         source = self.best if best else self.params
         for p, src in zip(single.parameters(), source):
             p[0] = src[slot]
-        single.latent_mask[0] = m.latent_mask[slot]
-        single.dropout_rate[0] = m.dropout_rate[slot]
+        for b, src in zip(single.buffers(), m.buffers()):  # masks and rates, all slot-major
+            b[0] = src[slot]
+        single._any_dropout = bool((single.dropout_rate > 0).any())
         return single.eval()
 
     def _new_model(self, slots: int) -> VAE:
@@ -426,5 +454,6 @@ class Population:
         return VAE(
             arch=shape.arch, likelihood=shape.likelihood, image_shape=self.splits.image_shape, slots=slots,
             latent_max=self.latent_max, hidden_max=self.hidden_max, depth=shape.depth,
-            channels=max(shape.channels, 1),
+            channels=max(shape.channels, 1), posterior=shape.posterior, flow_steps=shape.flow_steps,
+            prior=shape.prior, prior_components=shape.prior_components, hierarchy=shape.hierarchy,
         ).to(self.device)

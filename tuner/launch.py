@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,9 @@ from tuner.study_spec import StudySpec
 from tuner.study import create_or_resume, study_counts
 from tuner.artifacts import artifacts_root
 
-__all__ = ["LaunchResult", "launch"]
+__all__ = ["STOP_WAIT_S", "LaunchResult", "launch", "watch_progress"]
 
-_STOP_WAIT_S = 120  # how long workers get to finish their epoch and hand trials back
+STOP_WAIT_S = 120  # how long workers get to finish their epoch and hand trials back
 
 
 @dataclass
@@ -56,6 +57,22 @@ def _status_table(study: optuna.Study, spec: StudySpec, started: float, finished
     table.add_row(str(counts.complete), str(counts.pruned), str(counts.failed), str(counts.running),
                   str(counts.waiting), best_text, f"{rate:.1f}", eta, str(alive))
     return table
+
+
+def watch_progress(
+    study: optuna.Study, spec: StudySpec, alive: Callable[[], int], console: Console, refresh_s: float = 1.0
+) -> None:
+    """Show the live study table until ``alive()`` (workers still running) is 0.
+
+    Any launcher's watch: the table reads only the store, so it looks the same whoever runs the
+    workers. A Ctrl-C raises KeyboardInterrupt here for the launcher to stop its workers.
+    """
+    started, finished0 = time.time(), study_counts(study).finished
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
+        while (n := alive()) > 0:
+            live.update(_status_table(study, spec, started, finished0, n))
+            time.sleep(refresh_s)
+        live.update(_status_table(study, spec, started, finished0, 0))
 
 
 def _worker_env(storage_url: str, threads: int, device: str | None) -> dict[str, str]:
@@ -94,21 +111,15 @@ def launch(
                 cmd, env=_worker_env(url, threads, device), stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             ))
-    started, finished0 = time.time(), study_counts(study).finished
     try:
-        with Live(console=console, refresh_per_second=2, transient=False) as live:
-            while any(p.poll() is None for p in procs):
-                alive = sum(p.poll() is None for p in procs)
-                live.update(_status_table(study, spec, started, finished0, alive))
-                time.sleep(refresh_s)
-            live.update(_status_table(study, spec, started, finished0, 0))
+        watch_progress(study, spec, lambda: sum(p.poll() is None for p in procs), console, refresh_s)
     except KeyboardInterrupt:
         result.interrupted = True
         console.print("stopping: workers finish their epoch and hand their trials back (Ctrl-C again to kill)")
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-        deadline = time.time() + _STOP_WAIT_S
+        deadline = time.time() + STOP_WAIT_S
         try:
             for p in procs:
                 try:

@@ -2,10 +2,26 @@
 
 Every tensor is slot-major: data (S, B, D), posteriors (S, B, Z). Slot s uses the first
 ``latent[s]`` latent dims and ``hidden[s]`` hidden units of the population's maxima; the rest is
-zero padding that stays zero (see :mod:`tuner.layers`). The posterior is a diagonal Gaussian with
-the reparameterization trick; the likelihood is Bernoulli (logits) or Gaussian (mean plus a learned
-per-pixel log-scale per slot). ``forward`` returns a named :class:`VAEOutput`; the engine reads only
-those fields and never branches on the model family.
+zero padding that stays zero (see :mod:`tuner.layers`). The likelihood is Bernoulli (logits) or
+Gaussian (mean plus a learned per-pixel log-scale per slot). ``forward`` returns a named
+:class:`VAEOutput`; the engine reads only those fields and never branches on the model family.
+
+Families (fixed per population: they change tensor shapes):
+
+* posterior ``gaussian`` (diagonal, reparameterized; the default) or ``iaf`` (the Gaussian pushed
+  through ``flow_steps`` inverse autoregressive steps, :mod:`tuner.flows`, with context h = the
+  encoder's last hidden layer);
+* prior ``normal`` (N(0, I); the default), ``mog`` (a learned mixture of ``prior_components``
+  Gaussians) or ``vamp`` (the VampPrior over ``prior_components`` pseudo-inputs), :mod:`tuner.priors`;
+* hierarchy ``flat`` (the default) or ``ladder`` (two levels, z1 of size ``latent`` near the data
+  and z2 of size ``latent2`` on top, :mod:`tuner.ladder`; Gaussian posterior and prior only).
+
+The default family (gaussian, normal, flat) is *closed form*: its KL is analytic, and it computes
+exactly what it always did. Every other family estimates log q(z|x) - log p(z) per dim from the
+drawn z (Monte Carlo), except the ladder, which is analytic per level given the drawn z2.
+All families share one interface: :meth:`VAE.local_posterior` (the per-example variational
+parameters) and :meth:`VAE.sample` (z and the per-dim KL pieces from given noise), which
+training, :mod:`tuner.metrics` and the gap analysis all go through.
 """
 
 from __future__ import annotations
@@ -19,8 +35,11 @@ from torch import Tensor, nn
 
 from tuner import noise
 from tuner.errors import TunerError
+from tuner.flows import IAF
+from tuner.ladder import Ladder
 from tuner.layers import StackedConv2d, StackedConvTranspose2d, StackedLinear, fold_slots, unfold_slots
 from tuner.metrics import gaussian_kl_per_dim
+from tuner.priors import MixturePrior, VampPrior, mixture_log_prob_dims, normal_log_prob_dims, sample_prior
 from tuner.schedules import free_bits_kl
 
 __all__ = ["VAE", "VAEOutput"]
@@ -36,11 +55,11 @@ class VAEOutput:
     loss: Tensor  # what is minimized: recon + kl_weight * |KL (free bits) - capacity|
     neg_elbo: Tensor  # recon + kl, beta = 1
     recon: Tensor  # -E_q log p(x|z)
-    kl: Tensor  # KL(q(z|x) || N(0, I))
+    kl: Tensor  # KL(q(z|x) || p(z)): analytic, or MC for non-closed-form families (module docstring)
 
 
 class VAE(nn.Module):
-    """N independent VAEs of one *shape* (architecture, depth, channels, likelihood, data shape)."""
+    """N independent VAEs of one *shape* (architecture, depth, channels, likelihood, data shape, family)."""
 
     def __init__(
         self,
@@ -53,8 +72,15 @@ class VAE(nn.Module):
         hidden_max: int,
         depth: int,
         channels: int = 32,
+        posterior: str = "gaussian",
+        flow_steps: int = 0,
+        prior: str = "normal",
+        prior_components: int = 0,
+        hierarchy: str = "flat",
     ) -> None:
         super().__init__()
+        self.posterior, self.prior_name, self.hierarchy = posterior, prior, hierarchy
+        self.closed_form = posterior == "gaussian" and prior == "normal" and hierarchy == "flat"
         self.arch, self.likelihood, self.image_shape = arch, likelihood, image_shape
         self.slots, self.latent_max, self.hidden_max, self.depth = slots, latent_max, hidden_max, depth
         c, h, w = image_shape
@@ -95,15 +121,38 @@ class VAE(nn.Module):
         self.register_buffer("latent_mask", torch.zeros(slots, latent_max))
         self.register_buffer("dropout_rate", torch.zeros(slots))
         self._any_dropout = False
+        # family modules come after the base ones, so the default family's parameters (names,
+        # order, the flat vector's layout, the init draws) are exactly what they always were
+        self.flow = IAF(slots, flow_steps, latent_max, hidden_max, hidden_max) if posterior == "iaf" else None
+        self.prior: MixturePrior | VampPrior | None = None
+        if prior == "mog":
+            self.prior = MixturePrior(slots, prior_components, latent_max)
+        elif prior == "vamp":
+            self.prior = VampPrior(slots, prior_components, self.data_dim)
+        self.ladder = Ladder(slots, hidden_max, latent_max) if hierarchy == "ladder" else None
+        # noise per example: (Zmax,) or one row per ladder level, so coordinates never depend on Zmax
+        self.noise_shape: tuple[int, ...] = (2, latent_max) if self.ladder is not None else (latent_max,)
+        # floats per example in the largest temporary of sample() (sizes metric chunks)
+        self.sample_width = latent_max * max(prior_components, 1) + (hidden_max if self.flow is not None else 0)
+
+    @property
+    def kl_mask(self) -> Tensor:
+        """(S, Zk) 0/1 over the dims that carry KL: latent_mask, and for the ladder [level 1, level 2]."""
+        if self.ladder is None:
+            return self.latent_mask
+        return torch.cat([self.latent_mask, self.ladder.latent2_mask], dim=-1)
 
     # ----------------------------------------------------------------------------------- slots
     @torch.no_grad()
-    def init_slot(self, slot: int, *, seed: int, latent: int, hidden: int, dropout: float) -> None:
-        """Fresh weights for one slot, drawn from its own seed at its true sizes."""
-        if latent > self.latent_max or hidden > self.hidden_max:
+    def init_slot(
+        self, slot: int, *, seed: int, latent: int, hidden: int, dropout: float, latent2: int = 0
+    ) -> None:
+        """Fresh weights for one slot, drawn from its own seed at its true sizes (latent2: the
+        ladder's top level; ignored by flat models)."""
+        if max(latent, latent2 if self.ladder is not None else 0) > self.latent_max or hidden > self.hidden_max:
             raise ValueError(
-                f"slot needs latent {latent}, hidden {hidden} but the population holds at most "
-                f"{self.latent_max}, {self.hidden_max}"
+                f"slot needs latent {latent} (level 2: {latent2}), hidden {hidden} but the population holds "
+                f"at most {self.latent_max}, {self.hidden_max}"
             )
         g = torch.Generator().manual_seed(seed)
         enc_in = self.data_dim if self.feature_shape is None else math.prod(self.feature_shape)
@@ -124,6 +173,12 @@ class VAE(nn.Module):
         self.latent_mask[slot, :latent] = 1.0
         self.dropout_rate[slot] = dropout
         self._any_dropout = bool((self.dropout_rate > 0).any())
+        if self.flow is not None:
+            self.flow.init_slot(slot, latent, hidden, hidden, g)
+        if self.prior is not None:
+            self.prior.init_slot(slot, latent, g)
+        if self.ladder is not None:
+            self.ladder.init_slot(slot, latent, latent2, hidden, g)
 
     # ------------------------------------------------------------------------------ networks
     def _dropout(self, h: Tensor, key: Tensor | None, layer: int) -> Tensor:
@@ -133,8 +188,8 @@ class VAE(nn.Module):
         u = noise.uniform(noise.derive(key, _STREAM_DROPOUT, layer), tuple(h.shape[1:]))
         return torch.where(u >= p, h / (1.0 - p), 0.0)
 
-    def encode(self, x: Tensor, dropout_key: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x (S, B, D) in [0, 1] -> mu, logvar (S, B, Zmax); padded dims are exactly 0."""
+    def _features(self, x: Tensor, dropout_key: Tensor | None = None) -> Tensor:
+        """x (S, B, D) in [0, 1] -> the encoder's last hidden layer (S, B, Hmax)."""
         h = x
         if self.arch == "conv":
             s, b, _ = x.shape
@@ -144,8 +199,29 @@ class VAE(nn.Module):
             h = unfold_slots(h, s)  # (S, B, 2c*H/4*W/4)
         for i, layer in enumerate(self.enc_hidden):
             h = self._dropout(F.relu(layer(h)), dropout_key, i)
+        return h
+
+    def _heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         mask = self.latent_mask.unsqueeze(1)
         return self.enc_mu(h) * mask, self.enc_logvar(h) * mask
+
+    def encode(self, x: Tensor, dropout_key: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (S, B, D) in [0, 1] -> mu, logvar (S, B, Zmax) of the decoder's latent; padding exactly 0.
+
+        For the default family this is q(z|x). For the others it is a deterministic summary (used
+        for pictures): IAF the flow applied to the base mean (eps = 0) with the base logvar; ladder
+        q(z1|x, z2 = mu2).
+        """
+        if self.flow is None and self.ladder is None:
+            return self._heads(self._features(x, dropout_key))
+        local = self.local_posterior(x, dropout_key)
+        zero = torch.zeros(*local["mu"].shape[:2], *self.noise_shape, device=x.device)
+        z, _ = self.sample(local, zero)
+        if self.ladder is None:
+            return z, local["logvar"]
+        mask = self.latent_mask.unsqueeze(1)
+        _, lv_p = self.ladder.prior1(local["mu2"], mask)
+        return z[..., : self.latent_max], -torch.logaddexp(-local["logvar"], -lv_p) * mask
 
     def decode(self, z: Tensor, dropout_key: Tensor | None = None) -> Tensor:
         """z (S, B, Zmax) -> likelihood params (S, B, D): Bernoulli logits or Gaussian means."""
@@ -172,42 +248,110 @@ class VAE(nn.Module):
         """Likelihood params -> the expected image in data space (for pictures)."""
         return torch.sigmoid(params) if self.likelihood == "bernoulli" else params.clamp(0.0, 1.0)
 
+    # ------------------------------------------------------------------------------ families
+    def _gaussian_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q(z|x)'s Gaussian heads without dropout: the VampPrior's components at its pseudo-inputs."""
+        return self._heads(self._features(x))
+
+    def log_prior_dims(self, z: Tensor) -> Tensor:
+        """log p(z) of a flat model split per dim (chain rule for mixtures, :mod:`tuner.priors`): (S, B, Zmax)."""
+        if self.prior is None:
+            return normal_log_prob_dims(z)
+        log_w, mu, logvar = self.prior.components(self._gaussian_encode, self.latent_mask)
+        return mixture_log_prob_dims(z, log_w, mu, logvar, self.latent_mask)
+
+    def sample(self, local: dict[str, Tensor], eps: Tensor, mc: bool = False) -> tuple[Tensor, Tensor]:
+        """z ~ q(z|x) from standard-normal eps (S, B, *noise_shape), and its per-dim KL pieces.
+
+        Returns z (S, B, Zk) and kl (S, B, Zk), 0 on padding; the decoder reads z[..., :Zmax] (for
+        the ladder Zk = 2 Zmax: [z1, z2]). kl sums over dims to this family's KL estimate: the
+        analytic KL where it is closed form (mc=False), else the sampled log q(z|x) - log p(z);
+        mc=True always gives the sampled log-ratio (what an importance weight needs).
+        """
+        mask = self.latent_mask.unsqueeze(1)
+        if self.ladder is not None:
+            return self.ladder.sample(local, eps, mask, mc)
+        mu, logvar = local["mu"], local["logvar"]
+        z = mu + torch.exp(0.5 * logvar) * eps
+        if self.closed_form and not mc:
+            return z, gaussian_kl_per_dim(mu, logvar)  # (S, B, Zmax), 0 on padding
+        log_q = -0.5 * (_LOG_2PI + logvar + eps.square())  # log N(z; mu, var) per dim, from eps
+        if self.flow is not None:
+            z, log_det = self.flow(z * mask, local["h"], mask)
+            log_q = log_q - log_det
+        return z * mask, (log_q - self.log_prior_dims(z * mask)) * mask
+
+    def posterior_gaussian(self, local: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """q(z|x) as (mu, logvar) over the KL dims when it is exactly a diagonal Gaussian (flat,
+        gaussian posterior, any prior), else None (IAF, ladder: metrics then moment-match samples)."""
+        if self.flow is None and self.ladder is None:
+            return local["mu"], local["logvar"]
+        return None
+
+    def prior_sample(self, keys: Tensor, n: int) -> Tensor:
+        """n draws per slot from the generative model's p(z) in the decoder's latent: (S, n, Zmax).
+
+        keys (S,). A flat normal prior draws exactly ``noise.normal(keys, (n, Zmax))``; the ladder
+        draws z2 ~ N(0, I) then z1 ~ p(z1|z2).
+        """
+        if self.ladder is None:
+            return sample_prior(self.prior, self._gaussian_encode, self.latent_mask, keys, n)
+        eps = noise.normal(keys, (n, 2, self.latent_max))
+        z2 = eps[:, :, 1] * self.ladder.latent2_mask.unsqueeze(1)
+        mu_p, lv_p = self.ladder.prior1(z2, self.latent_mask.unsqueeze(1))
+        return (mu_p + torch.exp(0.5 * lv_p) * eps[:, :, 0]) * self.latent_mask.unsqueeze(1)
+
     # ------------------------------------------------------------------------------ training
     def forward(self, x: Tensor, key: Tensor, kl_weight: Tensor, capacity: Tensor, free_bits: Tensor) -> VAEOutput:
         """One stochastic pass: x (S, B, D), per-slot keys (S,) and schedule values (S,)."""
-        mu, logvar = self.encode(x, key)
-        eps = noise.normal(noise.derive(key, _STREAM_EPS), tuple(mu.shape[1:]))  # (S, B, Zmax)
-        z = mu + torch.exp(0.5 * logvar) * eps
-        recon = -self.log_likelihood(x, self.decode(z, key)).mean(1)  # (S,)
-        kl_per_dim = gaussian_kl_per_dim(mu, logvar)  # (S, B, Zmax), 0 on padding
+        local = self.local_posterior(x, key)
+        eps = noise.normal(noise.derive(key, _STREAM_EPS), (x.shape[1], *self.noise_shape))  # (S, B, *noise)
+        z, kl_per_dim = self.sample(local, eps)  # (S, B, Zk) each, 0 on padding
+        recon = -self.log_likelihood(x, self.decode(z[..., : self.latent_max], key)).mean(1)  # (S,)
         kl = kl_per_dim.sum(-1).mean(1)
-        kl_term = free_bits_kl(kl_per_dim, free_bits, self.latent_mask)
+        kl_term = free_bits_kl(kl_per_dim, free_bits, self.kl_mask)
         loss = recon + kl_weight * (kl_term - capacity).abs()
         return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
 
     # -------------------------------------------------------------------- local posteriors
-    def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
+    def local_posterior(self, x: Tensor, dropout_key: Tensor | None = None) -> dict[str, Tensor]:
         """The encoder's per-example variational parameters for x (S, B, D), each (S, B, ...).
 
         Amortization makes one encoder guess these for every x; analyses that instead optimize
         them per example (the amortization gap) start from this dict, change its tensors and score
         them with :meth:`neg_elbo_local`. Global parameters (weights, a prior, a flow) stay in the model.
+        Keys: ``mu``, ``logvar`` (level 1's bottom-up estimate for the ladder); IAF adds its context
+        ``h``; the ladder adds ``mu2``, ``logvar2`` (q(z2|x)).
         """
-        mu, logvar = self.encode(x)
-        return {"mu": mu, "logvar": logvar}
+        h = self._features(x, dropout_key)
+        mu, logvar = self._heads(h)
+        local = {"mu": mu, "logvar": logvar}
+        if self.flow is not None:
+            local["h"] = h
+        if self.ladder is not None:
+            local["mu2"], local["logvar2"] = self.ladder.top(h)
+        return local
 
     def neg_elbo_local(self, x: Tensor, local: dict[str, Tensor], keys: Tensor, samples: int = 1) -> Tensor:
         """-ELBO (beta = 1) of every example given its local posterior: (S, B) nats.
 
         keys (S, B) int64, one per example; sample j draws eps from ``noise.derive(keys, j)``, so
-        the estimate is a pure function of the keys and is differentiable in ``local``.
+        the estimate is a pure function of the keys and is differentiable in ``local``. The KL is
+        the family's estimate from :meth:`sample` (analytic for the default family).
         """
-        mu, logvar = local["mu"], local["logvar"]
+        mu = local["mu"]
         mask = self.latent_mask.unsqueeze(1)
         total = torch.zeros(mu.shape[:2], device=mu.device)
+        if self.closed_form:
+            logvar = local["logvar"]
+            for j in range(samples):
+                eps = noise.normal(noise.derive(keys, j).reshape(-1), (mu.shape[-1],)).view_as(mu)
+                z = (mu + torch.exp(0.5 * logvar) * eps) * mask
+                total = total - self.log_likelihood(x, self.decode(z))
+            kl = (gaussian_kl_per_dim(mu, logvar) * mask).sum(-1)
+            return total / samples + kl
         for j in range(samples):
-            eps = noise.normal(noise.derive(keys, j).reshape(-1), (mu.shape[-1],)).view_as(mu)
-            z = (mu + torch.exp(0.5 * logvar) * eps) * mask
-            total = total - self.log_likelihood(x, self.decode(z))
-        kl = (gaussian_kl_per_dim(mu, logvar) * mask).sum(-1)
-        return total / samples + kl
+            eps = noise.normal(noise.derive(keys, j).reshape(-1), self.noise_shape).view(*mu.shape[:2], *self.noise_shape)
+            z, kl = self.sample(local, eps)
+            total = total - self.log_likelihood(x, self.decode(z[..., : self.latent_max])) + kl.sum(-1)
+        return total / samples

@@ -107,8 +107,23 @@ def _largest(spec: StudySpec, path: str, base: int) -> int:
     return top if entry.when is None else max(base, top)
 
 
+def _may_be(spec: StudySpec, path: str, value: Any, base: Any) -> bool:
+    """Whether some trial can get `value` at `path` (the base value, a choice or a fixed value)."""
+    entry = spec.space.get(path)
+    match entry:
+        case CategoricalParam():
+            return value in entry.choices or (entry.when is not None and base == value)
+        case FixedParam():
+            return entry.value == value or (entry.when is not None and base == value)
+    return base == value
+
+
 def size_bounds(spec: StudySpec) -> tuple[int, int]:
-    """(largest model.latent, largest model.hidden) any trial of the study can get: the sizes a
-    population's masks must hold (its maxima)."""
+    """(largest latent size of any level, largest model.hidden) any trial of the study can get: the
+    sizes a population's masks must hold (its maxima). A ladder's top level (model.latent2) is
+    masked in the same Zmax as model.latent, so it counts when a trial can be a ladder."""
     model = spec.base.model
-    return _largest(spec, "model.latent", model.latent), _largest(spec, "model.hidden", model.hidden)
+    latent = _largest(spec, "model.latent", model.latent)
+    if _may_be(spec, "model.hierarchy", "ladder", model.hierarchy):
+        latent = max(latent, _largest(spec, "model.latent2", model.latent2))
+    return latent, _largest(spec, "model.hidden", model.hidden)

@@ -78,10 +78,18 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Encoder/decoder architecture and likelihood.
+    """Encoder/decoder architecture, likelihood and model family (tuner.models).
 
     hidden is the width of every dense hidden layer (depth of them on each side); for ``conv``
     the encoder is two conv+pool blocks of ``channels`` and ``2*channels`` maps, then one dense layer.
+    posterior: ``gaussian`` (diagonal) or ``iaf`` (the Gaussian through ``flow_steps`` inverse
+    autoregressive flow steps, Kingma et al. 2016; KL by Monte Carlo).
+    prior: ``normal`` (N(0, I)), ``mog`` (a learned mixture of ``prior_components`` Gaussians) or
+    ``vamp`` (VampPrior over ``prior_components`` learned pseudo-inputs, Tomczak & Welling 2018);
+    the KL to a mixture is estimated by Monte Carlo.
+    hierarchy: ``flat`` (one latent layer of ``latent`` dims) or ``ladder`` (Sønderby et al. 2016:
+    z1 of ``latent`` dims near the data, z2 of ``latent2`` dims on top; Gaussian posterior and
+    normal prior only). flow_steps, prior_components and latent2 are ignored where they do not apply.
     """
 
     arch: Literal["mlp", "conv"] = "mlp"
@@ -91,6 +99,12 @@ class ModelConfig(StrictModel):
     channels: int = Field(32, ge=1, le=512)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    posterior: Literal["gaussian", "iaf"] = "gaussian"
+    flow_steps: int = Field(2, ge=1, le=16)
+    prior: Literal["normal", "mog", "vamp"] = "normal"
+    prior_components: int = Field(10, ge=1, le=1024)
+    hierarchy: Literal["flat", "ladder"] = "flat"
+    latent2: int = Field(16, ge=1, le=4096)
 
 
 class OptimConfig(StrictModel):
@@ -149,12 +163,18 @@ class TrainLoopConfig(StrictModel):
     patience: stop after this many epochs without a better validation -ELBO (0 = never stop early).
     restore_best: evaluate (and save) the weights of the best validation epoch, not the last.
     iwae_k: importance samples for the final IWAE NLL (Burda et al. 2015).
+    gap_examples, gap_steps, gap_lr: the amortization and approximation gaps (tuner.gaps, Cremer
+    et al. 2018) on the first gap_examples test examples, each example's posterior optimized by
+    gap_steps Adam steps at gap_lr; gap_examples 0 skips them.
     """
 
     epochs: int = Field(50, ge=1, le=100000)
     patience: int = Field(0, ge=0)
     restore_best: bool = True
     iwae_k: int = Field(200, ge=1, le=100000)
+    gap_examples: int = Field(256, ge=0, le=100000)
+    gap_steps: int = Field(100, ge=1, le=100000)
+    gap_lr: float = Field(1e-2, gt=0.0, le=1.0)
 
 
 class TrainConfig(StrictModel):
@@ -173,6 +193,17 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 "model.likelihood 'bernoulli' needs binary data, but data.binarize is 'none'; "
                 "set data.binarize to 'dynamic' or 'static', or model.likelihood to 'gaussian'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _family_fits_together(self) -> TrainConfig:
+        m = self.model
+        if m.hierarchy == "ladder" and (m.posterior, m.prior) != ("gaussian", "normal"):
+            raise ValueError(
+                f"model.hierarchy 'ladder' needs model.posterior 'gaussian' and model.prior 'normal' (its "
+                f"p(z1|z2) is the prior), but got posterior {m.posterior!r}, prior {m.prior!r}; change them, "
+                "or in a study space give model.hierarchy when: {model.posterior: gaussian, model.prior: normal}"
             )
         return self
 

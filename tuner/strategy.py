@@ -12,27 +12,32 @@ the way to use; ``build_sampler(constraints_func=...)`` still works while Optuna
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from optuna.pruners import (
     BasePruner,
     HyperbandPruner,
-    MedianPruner,
     NopPruner,
     PatientPruner,
     PercentilePruner,
     SuccessiveHalvingPruner,
 )
 from optuna.samplers import BaseSampler, CmaEsSampler, GridSampler, QMCSampler, RandomSampler, TPESampler
-from optuna.study import Study
+from optuna.study import Study, StudyDirection
 from optuna.trial import BaseTrial, FrozenTrial, Trial, TrialState
 
 from tuner import space
 from tuner.errors import TunerError
 from tuner.study_spec import PrunerSpec, StudySpec
 
-__all__ = ["COLLAPSE_CONSTRAINT", "build_pruner", "build_sampler", "collapse_constraint", "directions", "mark_collapse"]
+__all__ = [
+    "COLLAPSE_CONSTRAINT", "CachedPercentilePruner", "build_pruner", "build_sampler", "collapse_constraint", "directions",
+    "mark_collapse",
+]
 
 COLLAPSE_CONSTRAINT = "collapsed"  # the constraint's key: system attr "constraints:collapsed"
 
@@ -83,12 +88,81 @@ def build_sampler(spec: StudySpec, constraints_func: ConstraintsFunc | None = No
     raise AssertionError(f"unreachable: sampler {s.name!r} passed validation")
 
 
+@dataclass
+class _StepValues:
+    """The complete trials' intermediate values of one study, sorted per step (NaNs counted apart)."""
+
+    numbers: set[int] = field(default_factory=set)  # the complete trials taken in
+    values: dict[int, list[float]] = field(default_factory=dict)  # step -> sorted non-NaN values
+    nans: dict[int, int] = field(default_factory=dict)  # step -> NaN values
+
+    def take(self, complete: list[FrozenTrial]) -> None:
+        if len(complete) == len(self.numbers):
+            return  # nothing finished since the last call: the common case, O(1)
+        for trial in complete:
+            if trial.number in self.numbers:
+                continue
+            self.numbers.add(trial.number)
+            for step, value in trial.intermediate_values.items():
+                if math.isnan(value):
+                    self.nans[step] = self.nans.get(step, 0) + 1
+                else:
+                    bisect.insort(self.values.setdefault(step, []), value)
+
+    def percentile(self, step: int, q: float, n_min_trials: int) -> float:
+        """``np.nanpercentile`` (linear) of the values at ``step``; NaN under ``n_min_trials`` values."""
+        ordered = self.values.get(step, [])
+        if len(ordered) + self.nans.get(step, 0) < n_min_trials or not ordered:
+            return math.nan
+        index = (len(ordered) - 1) * (q / 100)
+        lo = math.floor(index)
+        a, b, t = ordered[lo], ordered[min(lo + 1, len(ordered) - 1)], index - lo
+        return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp, bit for bit
+
+
+class CachedPercentilePruner(PercentilePruner):
+    """Optuna's PercentilePruner (``MedianPruner`` at 50) with the same decisions at a flat cost.
+
+    Optuna's re-reads the value at the current step of every complete trial and takes a percentile
+    on each ``should_prune`` (O(complete trials) a call: ~1 ms per 1,000 trials). Complete trials
+    never change, so here their values are kept sorted per step and taken in once.
+    """
+
+    def __init__(self, percentile: float, n_startup_trials: int = 5, n_warmup_steps: int = 0,
+                 interval_steps: int = 1, *, n_min_trials: int = 1) -> None:
+        super().__init__(percentile, n_startup_trials, n_warmup_steps, interval_steps, n_min_trials=n_min_trials)
+        self._settings = (percentile, n_startup_trials, n_warmup_steps, interval_steps, n_min_trials)
+        self._studies: dict[str, _StepValues] = {}
+
+    def prune(self, study: Study, trial: FrozenTrial) -> bool:
+        percentile, n_startup_trials, n_warmup_steps, interval_steps, n_min_trials = self._settings
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        step = trial.last_step
+        if not complete or len(complete) < n_startup_trials or step is None or step < n_warmup_steps:
+            return False
+        # the first step of its interval (offset by the warmup) that this trial reports
+        interval_start = (step - n_warmup_steps) // interval_steps * interval_steps + n_warmup_steps
+        if max((s for s in trial.intermediate_values if s != step), default=-1) >= interval_start:
+            return False
+        own = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
+        if not own:
+            return True  # only NaNs reported: as Optuna
+        maximize = study.direction == StudyDirection.MAXIMIZE
+        best = max(own) if maximize else min(own)
+        values = self._studies.setdefault(study.study_name, _StepValues())
+        values.take(complete)
+        p = values.percentile(step, 100 - percentile if maximize else percentile, n_min_trials)
+        if math.isnan(p):
+            return False
+        return best < p if maximize else best > p
+
+
 def _pruner(p: PrunerSpec, name: str, epochs: int) -> BasePruner | None:
     match name:
         case "median":
-            return MedianPruner(p.n_startup_trials, p.n_warmup_steps, p.interval_steps)
+            return CachedPercentilePruner(50.0, p.n_startup_trials, p.n_warmup_steps, p.interval_steps)
         case "percentile":
-            return PercentilePruner(p.percentile, p.n_startup_trials, p.n_warmup_steps, p.interval_steps)
+            return CachedPercentilePruner(p.percentile, p.n_startup_trials, p.n_warmup_steps, p.interval_steps)
         case "successive_halving":
             return SuccessiveHalvingPruner(p.min_resource, p.reduction_factor, p.min_early_stopping_rate)
         case "hyperband":

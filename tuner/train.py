@@ -38,8 +38,10 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> the first GPU if there is one, else CPU; 'cpu'; 'cuda' or 'cuda:N' (checked)."""
+def resolve_device(name: str, source: str = "--device") -> torch.device:
+    """'auto' -> the first GPU if there is one, else CPU; 'cpu'; 'cuda' or 'cuda:N' (checked).
+
+    source: where the name came from, for the error (a worker's name may come from the study spec)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
@@ -47,12 +49,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" or name.startswith("cuda:"):
         index = name.partition(":")[2]
         if index and not index.isdigit():
-            raise TunerError(f"--device '{name}' is not a device; use auto, cpu or cuda:N")
+            raise TunerError(f"{source} '{name}' is not a device; use auto, cpu or cuda:N")
         count = torch.cuda.device_count()
         if count == 0 or (index and int(index) >= count):
-            raise TunerError(f"--device '{name}': this machine has {count} CUDA device(s); use auto or cpu")
+            raise TunerError(f"{source} '{name}': this machine has {count} CUDA device(s); use auto or cpu")
         return torch.device(name)
-    raise TunerError(f"--device '{name}' is not a device; use auto, cpu or cuda:N")
+    raise TunerError(f"{source} '{name}' is not a device; use auto, cpu or cuda:N")
 
 
 def _writable_dir(out_dir: Path) -> Path:

@@ -33,12 +33,14 @@ from optuna.trial import TrialState
 
 from tuner import __version__, metrics, space, strategy
 from tuner.artifacts import artifact_store, artifacts_root, beats_best, render_images, upload_images
+from tuner.attrs import set_user_attrs
 from tuner.data import Splits, load_splits
-from tuner.engine import Population, PopulationShape
+from tuner.engine import EpochResult, Population, PopulationShape, latent_size
 from tuner.errors import TunerError
 from tuner.models import VAE
 from tuner.spec import DataConfig, TrainConfig, config_to_yaml
 from tuner.study_spec import StudySpec
+from tuner.retry import StorageUnavailableError
 from tuner.storage import mask_url, open_storage
 from tuner.study import load_study, started_at, study_counts
 from tuner.train import resolve_device, save_atomic
@@ -178,19 +180,25 @@ class Worker:
     ) -> None:
         _, spec = load_study(storage_url, study_name)
         # the spec says how often to beat and when a silent trial counts as dead
+        # ... and its store calls retry through an outage (a PostgreSQL restart) instead of killing the worker
         self.storage = open_storage(
-            storage_url, heartbeat_interval=spec.workers.heartbeat_interval, grace_period=spec.workers.grace_period
+            storage_url, heartbeat_interval=spec.workers.heartbeat_interval, grace_period=spec.workers.grace_period,
+            retry_log=log,
         )
         self.study, self.spec = load_study(storage_url, study_name, storage=self.storage, worker=os.getpid())
         self.url, self.log = storage_url, log
-        self.device = resolve_device(device or self.spec.workers.device)
+        source = "--device" if device else f"study '{study_name}' workers.device"
+        self.device = resolve_device(device or self.spec.workers.device, source=source)
         self.artifacts = artifacts_root(storage_url, artifacts) / study_name
         self.artifact_store = artifact_store(storage_url, artifacts)  # trial images, for the dashboard
         self.latent_max, self.hidden_max = space.size_bounds(self.spec)
         self.splits: dict[DataConfig, Splits] = {}
         self.populations: dict[tuple[Any, ...], Population] = {}
         self.running: dict[tuple[tuple[Any, ...], int], _Running] = {}
-        self.slots = slots or auto_slots(self.device, self.spec, self._splits(self.spec.base.data).dim)
+        # the base data loads here, before any trial is taken: a host without the dataset (or the GPU
+        # above) fails with one line instead of failing trials in the store
+        base = self._splits(self.spec.base.data)
+        self.slots = slots or auto_slots(self.device, self.spec, base.dim)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.summary = WorkerSummary()
         self._stop = threading.Event()
@@ -247,6 +255,8 @@ class Worker:
             try:
                 self._start(trial)
             except TunerError as err:
+                if isinstance(err, StorageUnavailableError):
+                    raise  # the store is gone: nothing can be written to it
                 # a config this host cannot train (data missing here, batch larger than the split...)
                 trial.set_user_attr("error", str(err))
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -267,7 +277,7 @@ class Worker:
         key: tuple[Any, ...] = (PopulationShape.of(config), config.data)
         latent, hidden = self.latent_max, self.hidden_max
         if self.slots == 1:
-            latent, hidden = config.model.latent, config.model.hidden
+            latent, hidden = latent_size(config), config.model.hidden
             key += (latent, hidden)
             for idle in [k for k, pop in self.populations.items() if k != key and not pop.running()]:
                 del self.populations[idle]  # one trial at a time: drop populations of finished sizes
@@ -301,9 +311,8 @@ class Worker:
             self.summary.resumed += 1
         else:
             pop.assign(slot, config)
-        for name, value in (("seed", seed), ("worker", self.worker_id), ("device", str(self.device)),
-                            ("config", config.model_dump(mode="json"))):
-            trial.set_user_attr(name, value)
+        set_user_attrs(trial, {"seed": seed, "worker": self.worker_id, "device": str(self.device),
+                               "config": config.model_dump(mode="json")})
         self.running[(key, slot)] = _Running(trial, config, key, slot, time.time())
         self.log(f"trial {trial.number} started" + (f" (resumed from trial {resumed}, epoch {pop.state[slot].epoch})"
                                                      if resumed is not None else ""))
@@ -316,18 +325,29 @@ class Worker:
             for r in pop.run_epoch():
                 run = self.running[(key, r.slot)]
                 self.summary.model_epochs += 1
-                # report, then checkpoint: a kill in between re-trains this epoch on resume, and the
-                # counter-based noise makes that epoch's numbers the same as the ones reported
-                if math.isfinite(r.val_neg_elbo) and self.spec.objective != "multi":
-                    run.trial.report(r.val_neg_elbo, r.epoch)  # (Optuna has no report for multi-objective)
-                self._checkpoints.put(pop.slot_checkpoint(r.slot), self._checkpoint_path(run.trial.number))
-                if r.status == "stopped":
-                    self._end(run, pop, TrialState.PRUNED, reason=r.reason)
-                elif r.status == "finished":
-                    self._complete(run, pop)
-                elif self.spec.objective != "multi" and run.trial.should_prune():
-                    reason = f"pruned at epoch {r.epoch} by {self.spec.pruner.name}: val -ELBO {r.val_neg_elbo:.2f}"
-                    self._end(run, pop, TrialState.PRUNED, reason=reason)
+                try:
+                    self._after_epoch(run, pop, r)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # another worker failed it as stale (our beats missed the grace period, e.g. in a
+                    # long store outage) and queued a retry that resumes from its checkpoint: let go
+                    self._release(run, pop)
+                    self.log(f"trial {run.trial.number} was failed as stale by another worker; its retry "
+                             "resumes from the checkpoint")
+
+    def _after_epoch(self, run: _Running, pop: Population, r: EpochResult) -> None:
+        """Report a trial's epoch, checkpoint it, then end it if it finished, stopped or is pruned."""
+        # report, then checkpoint: a kill in between re-trains this epoch on resume, and the
+        # counter-based noise makes that epoch's numbers the same as the ones reported
+        if math.isfinite(r.val_neg_elbo) and self.spec.objective != "multi":
+            run.trial.report(r.val_neg_elbo, r.epoch)  # (Optuna has no report for multi-objective)
+        self._checkpoints.put(pop.slot_checkpoint(r.slot), self._checkpoint_path(run.trial.number))
+        if r.status == "stopped":
+            self._end(run, pop, TrialState.PRUNED, reason=r.reason)
+        elif r.status == "finished":
+            self._complete(run, pop)
+        elif self.spec.objective != "multi" and run.trial.should_prune():
+            reason = f"pruned at epoch {r.epoch} by {self.spec.pruner.name}: val -ELBO {r.val_neg_elbo:.2f}"
+            self._end(run, pop, TrialState.PRUNED, reason=reason)
 
     def _complete(self, run: _Running, pop: Population) -> None:
         state = pop.state[run.slot]
@@ -379,8 +399,7 @@ class Worker:
             attrs["prune_reason"] = reason
         if self.spec.objective == "multi":  # no intermediate values there: keep the curve here
             attrs["val_neg_elbo_curve"] = [row["val_neg_elbo"] for row in pop.state[run.slot].history]
-        for name, value in attrs.items():
-            trial.set_user_attr(name, value)
+        set_user_attrs(trial, attrs)  # one transaction, not one per attr
         self._checkpoints.flush()  # the trial's final checkpoint is on disk before it is told
         if state == TrialState.COMPLETE:
             strategy.mark_collapse(trial)  # the sampler learns to avoid collapse (a constraint)

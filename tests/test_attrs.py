@@ -1,0 +1,65 @@
+"""set_user_attrs: one transaction on real SQLite and PostgreSQL, same rows as set_user_attr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from tuner.attrs import set_user_attrs
+from tuner.storage import open_storage
+
+ATTRS = {"iwae_nll": 98.25, "collapsed": False, "config": {"model": {"latent": 16}}, "name": "x'\"{}",
+         "curve": [1.5, float("inf")], "none": None}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'attrs.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def _commits(storage) -> list[int]:
+    counter = [0]
+    sqlalchemy.event.listen(storage.engine, "commit", lambda conn: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def test_one_transaction_and_the_rows_set_user_attr_writes(url: str) -> None:
+    storage = open_storage(url, heartbeat_interval=None, grace_period=None)
+    study = optuna.create_study(storage=storage, study_name="attrs")
+    ours, theirs = study.ask(), study.ask()
+    ours.set_user_attr("iwae_nll", 500.0)  # an existing key is overwritten
+    commits = _commits(storage)
+    set_user_attrs(ours, ATTRS)
+    assert commits[0] == 1
+    for key, value in ATTRS.items():
+        theirs.set_user_attr(key, value)
+    assert commits[0] == 1 + len(ATTRS)
+    assert ours.user_attrs == ATTRS  # the trial's own view, before any re-read
+    fresh = open_storage(url, heartbeat_interval=None, grace_period=None)
+    stored = {t.number: t.user_attrs for t in fresh.get_all_trials(study._study_id)}
+    assert stored[ours.number] == stored[theirs.number] == ATTRS
+
+
+def test_a_finished_trial_is_refused_and_keeps_its_attrs(url: str) -> None:
+    storage = open_storage(url, heartbeat_interval=None, grace_period=None)
+    study = optuna.create_study(storage=storage, study_name="done")
+    trial = study.ask()
+    set_user_attrs(trial, {"a": 1})
+    study.tell(trial, 1.0)
+    with pytest.raises(RuntimeError, match="finished"):
+        set_user_attrs(trial, {"a": 2, "b": 3})
+    (frozen,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert frozen.user_attrs == {"a": 1}
+
+
+def test_other_storages_fall_back_to_one_call_per_attr() -> None:
+    study = optuna.create_study()  # in-memory
+    trial = study.ask()
+    set_user_attrs(trial, ATTRS)
+    assert study.trials[0].user_attrs == ATTRS
