@@ -320,10 +320,12 @@ def run_scale(args: argparse.Namespace, tmp: Path) -> dict[tuple[str, int, str, 
                 start = time.perf_counter()
                 fill(url, name, size - in_study, args.epochs, seed=size)
                 fill_s = time.perf_counter() - start
+                start = time.perf_counter()
                 load_s, cells = measure_size(url, name, args.pruners, args.epochs, args.live, args.rounds, seed=size)
                 for (pruner, kind), timings in cells.items():
                     results[(backend, size, pruner, kind)] = Cell(load_s[kind], timings)
-                print(f"  {backend}: filled to {size} trials in {fill_s:.1f} s and measured", file=sys.stderr, flush=True)
+                print(f"  {backend}: filled to {size} trials in {fill_s:.1f} s, measured in "
+                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
                 in_study = size + sum(t.trials for t in cells.values())
     return results
 
@@ -366,7 +368,7 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float, T
             optuna.create_study(study_name=name, storage=plain_storage(url), direction="minimize")
             fill(url, name, args.workers_fill, args.epochs, seed=1)
             out = ctx.Queue()
-            start_at = time.time() + 3 + 0.15 * args.workers  # every process imported and joined
+            start_at = time.time() + 2 + 0.15 * args.workers  # every process imported and joined
             procs = [ctx.Process(target=worker_main, args=(kind, url, name, args.workers_pruner, args.epochs,
                                                            args.seconds, 1000 + i, start_at, out))
                      for i in range(args.workers)]
@@ -476,9 +478,9 @@ def main() -> None:
     parser.add_argument("--workers-pruner", default="hyperband")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, 4 workers for 2 s")
     args = parser.parse_args()
-    if args.quick:
-        args.sizes, args.epochs, args.live, args.rounds = "20,60", 6, 2, 2
-        args.workers, args.seconds, args.workers_fill = min(args.workers, 4), 2.0, 20
+    if args.quick:  # a smoke test of every part: seconds on an idle machine
+        args.sizes, args.epochs, args.live, args.rounds = "10,30", 4, 2, 2
+        args.workers, args.seconds, args.workers_fill = min(args.workers, 3), 1.0, 10
     args.sizes = sorted(int(s) for s in str(args.sizes).split(","))
     args.backends = [b for b in args.backends.split(",") if b]
     args.pruners = [p for p in args.pruners.split(",") if p]

@@ -132,3 +132,33 @@ def test_other_errors_are_raised_at_once(store) -> None:
     with pytest.raises(KeyError):
         study._storage.get_study_id_from_name("no-such-study")
     assert lines == []
+
+
+def test_the_launchers_table_rides_over_an_outage_and_other_errors_still_raise(tmp_path: Path, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from tuner import launch
+    from tuner.study_spec import parse_study_spec
+
+    spec = parse_study_spec({"study": "outage", "budget": {"trials": 2}})
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="outage")
+    real, calls = launch.study_counts, []
+
+    def flaky(s: optuna.Study, error: BaseException = dropped()):
+        calls.append(1)
+        if len(calls) in (2, 3):  # the store is down for two refreshes
+            raise error
+        return real(s)
+
+    monkeypatch.setattr(launch, "study_counts", flaky)
+    alive = iter([2, 2, 1, 0])
+    launch.watch_progress(study, spec, lambda: next(alive), Console(file=io.StringIO()), refresh_s=0)
+    assert len(calls) == 5  # start, 3 refreshes while alive, the final one
+
+    calls.clear()
+    monkeypatch.setattr(launch, "study_counts", lambda s: flaky(s, KeyError("not an outage")))
+    alive = iter([1, 1, 0])
+    with pytest.raises(KeyError):
+        launch.watch_progress(study, spec, lambda: next(alive), Console(file=io.StringIO()), refresh_s=0)

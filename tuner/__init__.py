@@ -26,6 +26,7 @@ __all__ = [
     "evaluate",
     "export_top",
     "launch",
+    "launch_ray",
     "load_config",
     "load_run",
     "load_splits",
@@ -59,6 +60,7 @@ _WHERE = {
     "load_study": "tuner.study",
     "Worker": "tuner.worker",
     "launch": "tuner.launch",
+    "launch_ray": "tuner.ray_launch",  # needs the ray extra only when called
     "ranking_frame": "tuner.ranking",
     "rank_study": "tuner.ranking",
     "export_top": "tuner.export",

@@ -74,8 +74,8 @@ if TYPE_CHECKING:  # this module imports with torch and numpy alone (no pydantic
 __all__ = ["EVAL_SAMPLES", "GAP_IWAE_K", "STEP_SAMPLES", "Gaps", "estimate_gaps", "trial_gaps"]
 
 GAP_IWAE_K = 1000  # importance samples standing in for -log p(x) (Cremer et al. use AIS and IWAE-5000)
-EVAL_SAMPLES = 100  # samples per example for each -ELBO that is compared (see Noise above)
-STEP_SAMPLES = 2  # samples per example per optimization step: noisy gradients, fresh each step
+EVAL_SAMPLES = 32  # samples per example for each -ELBO that is compared (see Noise above)
+STEP_SAMPLES = 1  # samples per example per optimization step: noisy gradients, fresh each step
 
 # Stream ids folded into the seed key: one independent noise stream per use.
 _EVAL_STREAM, _STEP_STREAM, _IWAE_STREAM = 20, 21, 22
@@ -173,7 +173,7 @@ def _check(x: Tensor, examples: int, steps: int, lr: float, k: int) -> None:
 
 
 def estimate_gaps(
-    model: Any, x: Tensor, *, examples: int = 256, steps: int = 100, lr: float = 1e-2,
+    model: Any, x: Tensor, *, examples: int = 128, steps: int = 100, lr: float = 3e-2,
     k: int = GAP_IWAE_K, seed: int = 0, max_elements: int = MAX_ELEMENTS,
 ) -> Gaps:
     """Amortization and approximation gaps of every slot on x[:examples], nats per example.

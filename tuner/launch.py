@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tuner.retry import is_transient
 from tuner.study_spec import StudySpec
 from tuner.study import create_or_resume, study_counts
 from tuner.artifacts import artifacts_root
@@ -70,9 +71,19 @@ def watch_progress(
     started, finished0 = time.time(), study_counts(study).finished
     with Live(console=console, refresh_per_second=2, transient=False) as live:
         while (n := alive()) > 0:
-            live.update(_status_table(study, spec, started, finished0, n))
+            _refresh(live, study, spec, started, finished0, n)
             time.sleep(refresh_s)
-        live.update(_status_table(study, spec, started, finished0, 0))
+        _refresh(live, study, spec, started, finished0, 0)
+
+
+def _refresh(live: Live, study: optuna.Study, spec: StudySpec, started: float, finished0: int, alive: int) -> None:
+    """Redraw the table; a store outage (a PostgreSQL restart) keeps the last table, since the
+    workers ride over it with their own retries and the launcher must not die before them."""
+    try:
+        live.update(_status_table(study, spec, started, finished0, alive))
+    except Exception as err:  # noqa: BLE001 - only store outages are swallowed, the rest re-raised
+        if not is_transient(err):
+            raise
 
 
 def _worker_env(storage_url: str, threads: int, device: str | None) -> dict[str, str]:

@@ -172,9 +172,9 @@ class TrainLoopConfig(StrictModel):
     patience: int = Field(0, ge=0)
     restore_best: bool = True
     iwae_k: int = Field(200, ge=1, le=100000)
-    gap_examples: int = Field(256, ge=0, le=100000)
+    gap_examples: int = Field(128, ge=0, le=100000)
     gap_steps: int = Field(100, ge=1, le=100000)
-    gap_lr: float = Field(1e-2, gt=0.0, le=1.0)
+    gap_lr: float = Field(3e-2, gt=0.0, le=1.0)
 
 
 class TrainConfig(StrictModel):
