@@ -13,8 +13,9 @@ pruners prune as they would on real studies.
    the worker's: params, an intermediate value per epoch, user attrs, Hyperband rung attrs; bulk
    inserted through Optuna's own tables, a few seconds per 10,000) and then ``--live`` synthetic
    trials run against it, with the spec's sampler (TPE) and each pruner, once through plain
-   ``optuna.storages.RDBStorage(url)`` (row ``optuna``) and once through ``tuner.storage.open_storage``
-   (row ``tuner``: what every worker opens), interleaved in rounds so both see the same load.
+   ``optuna.storages.RDBStorage(url)`` with Optuna's own pruner classes (row ``optuna``) and once as
+   a worker opens the study (row ``tuner``: ``tuner.storage.open_storage`` and
+   ``tuner.strategy.build_pruner``), interleaved in rounds so both see the same load.
    ``load_s``: a fresh storage's first ``get_trials`` (what a joining worker pays once).
    ``queries``: SQL statements per epoch.
 2. Workers. ``--workers`` processes (spawn) run synthetic trials against one PostgreSQL study for
@@ -199,10 +200,21 @@ def synthetic_trial(study: optuna.Study, epochs: int, rng: random.Random, timing
     timings.trials += 1
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, spec: StudySpec, seed: int) -> optuna.Study:
-    """The study as a worker loads it: the spec's sampler (seeded per worker) and pruner."""
+def plain_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The baseline's pruner: Optuna's own class with the spec's settings (ours caches for median)."""
+    p = spec.pruner
+    if p.name in ("median", "percentile"):
+        percentile = 50.0 if p.name == "median" else p.percentile
+        return optuna.pruners.PercentilePruner(percentile, p.n_startup_trials, p.n_warmup_steps, p.interval_steps)
+    return strategy.build_pruner(spec)  # hyperband, successive halving: Optuna's classes already
+
+
+def open_study(kind: str, storage: optuna.storages.BaseStorage, name: str, spec: StudySpec, seed: int) -> optuna.Study:
+    """The study as a worker loads it: the spec's sampler (seeded per worker) and pruner; the
+    baseline (``optuna``) gets Optuna's own pruner class."""
+    pruner = strategy.build_pruner(spec) if kind == "tuner" else plain_pruner(spec)
     return optuna.load_study(study_name=name, storage=storage, sampler=strategy.build_sampler(spec, worker=seed),
-                             pruner=strategy.build_pruner(spec))
+                             pruner=pruner)
 
 
 # ------------------------------------------------------------------------------ bulk filling
@@ -296,7 +308,7 @@ def measure_size(url: str, study_name: str, pruners: list[str], epochs: int, liv
         counters[kind] = QueryCounter(engine_of(storage))
     for pruner in pruners:
         spec = spec_for(pruner, epochs)
-        studies = {kind: open_study(storage, study_name, spec, seed) for kind, storage in storages.items()}
+        studies = {kind: open_study(kind, storage, study_name, spec, seed) for kind, storage in storages.items()}
         rng = random.Random(seed)
         for r in range(rounds):
             for kind in STORAGES if r % 2 == 0 else STORAGES[::-1]:
@@ -332,20 +344,21 @@ def run_scale(args: argparse.Namespace, tmp: Path) -> dict[tuple[str, int, str, 
 
 # ---------------------------------------------------------------------------------- 2. workers
 def worker_main(kind: str, url: str, study_name: str, pruner: str, epochs: int, seconds: float, seed: int,
-                start_at: float, out: Any) -> None:
-    """A synthetic worker process: trials until ``seconds`` are up; every storage error counted."""
+                ready: Any, out: Any) -> None:
+    """A synthetic worker process: joins, waits for the others, then runs trials for ``seconds``;
+    every storage error is counted. Puts (start, end, timings) on ``out``."""
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    timings, rng = Timings(), random.Random(seed)
+    timings, rng, study = Timings(), random.Random(seed), None
     try:
-        study = open_study(OPENERS[kind](url), study_name, spec_for(pruner, epochs), seed)
+        study = open_study(kind, OPENERS[kind](url), study_name, spec_for(pruner, epochs), seed)
+        study.get_trials(deepcopy=False)  # joining: the first read of every trial, before the clock starts
     except Exception as err:  # noqa: BLE001 - counted: a worker that cannot join is a storage error
-        out.put((seed, Timings(errors=[f"join: {type(err).__name__}: {str(err)[:300]}"])))
-        return
-    time.sleep(max(0.0, start_at - time.time()))
-    last_stale = time.monotonic()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+        timings.errors.append(f"join: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    ready.wait(timeout=900)  # all joined: they start together
+    start = time.time()
+    last_stale, deadline = time.monotonic(), time.monotonic() + seconds
+    while study is not None and time.monotonic() < deadline:
         try:
             if time.monotonic() - last_stale > 5:
                 optuna.storages.fail_stale_trials(study)  # as every worker does
@@ -355,11 +368,12 @@ def worker_main(kind: str, url: str, study_name: str, pruner: str, epochs: int, 
             timings.errors.append(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
             if len(timings.errors) == 1:
                 traceback.print_exc()
-    out.put((seed, timings))
+    out.put((start, time.time(), timings))
 
 
 def run_workers(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float, Timings, int]]:
-    """(wall s, merged timings, finished trials in the store) per storage kind."""
+    """(wall s from the common start to the last worker's end, merged timings, finished trials in the
+    store) per storage kind."""
     results = {}
     ctx = mp.get_context("spawn")
     with store("postgres", tmp) as url:
@@ -367,27 +381,27 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float, T
             name = f"workers-{kind}"
             optuna.create_study(study_name=name, storage=plain_storage(url), direction="minimize")
             fill(url, name, args.workers_fill, args.epochs, seed=1)
-            out = ctx.Queue()
-            start_at = time.time() + 2 + 0.15 * args.workers  # every process imported and joined
+            out, ready = ctx.Queue(), ctx.Barrier(args.workers)
             procs = [ctx.Process(target=worker_main, args=(kind, url, name, args.workers_pruner, args.epochs,
-                                                           args.seconds, 1000 + i, start_at, out))
+                                                           args.seconds, 1000 + i, ready, out))
                      for i in range(args.workers)]
             for p in procs:
                 p.start()
-            merged = Timings()
+            merged, starts, ends = Timings(), [], []
             for _ in procs:
-                _, timings = out.get(timeout=args.seconds + 600)
+                start, end, timings = out.get(timeout=args.seconds + 900)
+                starts.append(start)
+                ends.append(end)
                 merged.epoch_ms += timings.epoch_ms
                 merged.tell_ms += timings.tell_ms
                 merged.trials += timings.trials
                 merged.errors += timings.errors
             for p in procs:
                 p.join(timeout=60)
-            wall = time.time() - start_at
             study = optuna.load_study(study_name=name, storage=plain_storage(url))
             finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)) - args.workers_fill
             engine_of(study._storage).dispose()
-            results[kind] = (wall, merged, finished)
+            results[kind] = (max(ends) - min(starts), merged, finished)
     return results
 
 

@@ -60,9 +60,11 @@ def train(
     finally:
         progress.stop()
     m = result.metrics
+    gap = (f"amortization gap {m['amortization_gap']:.2f}  approximation gap {m['approximation_gap']:.2f}  "
+           if "amortization_gap" in m else "")  # absent when train.gap_examples is 0
     typer.echo(
         f"test: iwae_nll {m['iwae_nll']:.2f}  -elbo {m['neg_elbo']:.2f}  recon {m['recon']:.2f}  "
-        f"kl {m['kl']:.2f}  active units {m['active_units']}  MI {m['mutual_info']:.2f}  "
+        f"kl {m['kl']:.2f}  active units {m['active_units']}  MI {m['mutual_info']:.2f}  {gap}"
         f"collapsed {m['collapsed']}  best epoch {m['best_epoch']}  ({m['wall_s']:.0f} s) -> {result.out_dir}"
     )
 

@@ -16,8 +16,6 @@ Level 2 has its own mask (its size ``latent2`` is masked up to the population's 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,8 +23,6 @@ from torch import Tensor, nn
 from tuner.layers import StackedLinear
 
 __all__ = ["Ladder", "gaussian_kl_pair"]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def gaussian_kl_pair(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:

@@ -32,10 +32,11 @@ __all__ = [
     "rank_study", "ranking_frame", "ranking_records", "ranking_table", "render_ranking", "save_ranking",
 ]
 
-# user attrs shown per trial, in this order (nats per example on the validation split unless test_)
+# user attrs shown per trial, in this order (nats per example on the validation split unless test_; the
+# amortization and approximation gaps (tuner.gaps) are on the first train.gap_examples test examples)
 METRIC_COLUMNS = (
     "iwae_nll", "recon", "kl", "neg_elbo", "active_units", "latent_size", "inactive_fraction", "mutual_info",
-    "collapsed", "epochs", "best_epoch", "test_iwae_nll", "wall_s", "seed",
+    "collapsed", "epochs", "best_epoch", "test_iwae_nll", "amortization_gap", "approximation_gap", "wall_s", "seed",
 )
 # --by NAME -> (column, ascending): NLL, reconstruction and -ELBO are nats (less is better); more
 # active units is better
@@ -196,8 +197,8 @@ def _truthy(value: object) -> bool:
 
 
 def ranking_table(frame: pd.DataFrame, title: str) -> Table:
-    """A rich table: rank, trial, the searched hyperparameters, NLL, recon, KL, AU, MI, collapse,
-    Pareto, epochs, state (and reason when other states are listed)."""
+    """A rich table: rank, trial, the searched hyperparameters, NLL, recon, KL, AU, MI, the amortization
+    and approximation gaps, collapse, Pareto, epochs, state (and reason when other states are listed)."""
     from rich.table import Table
 
     params = [c for c in frame.columns if c.startswith("params.")]
@@ -205,8 +206,8 @@ def ranking_table(frame: pd.DataFrame, title: str) -> Table:
     if len(set(short.values())) < len(short):  # two params with one leaf name: show full paths
         short = {p: p.removeprefix("params.") for p in params}
     table = Table(title=title)
-    columns = ["rank", "trial", *short.values(), "NLL", "recon", "KL", "AU", "MI", "collapse", "pareto",
-               "epochs", "state"]
+    columns = ["rank", "trial", *short.values(), "NLL", "recon", "KL", "AU", "MI", "amort gap", "approx gap",
+               "collapse", "pareto", "epochs", "state"]
     show_reason = bool(frame["reason"].notna().any())
     for name in columns + (["reason"] if show_reason else []):
         table.add_column(name, justify="left" if name in ("collapse", "state", "reason") else "right")
@@ -215,6 +216,7 @@ def ranking_table(frame: pd.DataFrame, title: str) -> Table:
         cells = [
             _fmt(r["rank"]), str(r["trial"]), *(_fmt(r[p], ".3g") for p in params),
             _fmt(r["iwae_nll"]), _fmt(r["recon"]), _fmt(r["kl"]), au, _fmt(r["mutual_info"]),
+            _fmt(r["amortization_gap"]), _fmt(r["approximation_gap"]),
             "collapsed" if _truthy(r["collapsed"]) else "", "*" if r["pareto"] else "", _fmt(r["epochs"]), r["state"],
         ]
         table.add_row(*cells, *([_fmt(r["reason"])] if show_reason else []))

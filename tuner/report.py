@@ -239,7 +239,10 @@ def _ranking_table(frame: pd.DataFrame) -> str:
     table = shown.to_html(index=False, classes="ranking", border=0, na_rep="",
                           float_format=lambda v: f"{v:.4g}")
     more = f" Showing the first {TABLE_ROWS} of {len(frame)}." if len(frame) > TABLE_ROWS else ""
-    return _note(f"Complete trials ranked by validation IWAE NLL, collapsed ones last.{more}") + table
+    gaps = (" amortization_gap and approximation_gap: nats per example on the first test examples "
+            "(what the shared encoder and the posterior family cost; tuner.gaps)."
+            if "amortization_gap" in shown.columns else "")  # dropped above when no trial measured them
+    return _note(f"Complete trials ranked by validation IWAE NLL, collapsed ones last.{gaps}{more}") + table
 
 
 def _images_body(

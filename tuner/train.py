@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tuner import metrics
+from tuner import gaps, metrics
 from tuner.artifacts import render_images
 from tuner.atomic import write_atomic
 from tuner.data import load_splits
@@ -122,6 +122,7 @@ def train_config(
     result = {
         "split": "test",
         **evaluation.slot(0),
+        **gaps.trial_gaps(model, splits.test, config),  # {} when train.gap_examples is 0
         "best_epoch": state.best_epoch,
         "best_val_neg_elbo": state.best_val,
         "epochs": state.epoch,

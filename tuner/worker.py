@@ -31,7 +31,7 @@ import torch
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
-from tuner import __version__, metrics, space, strategy
+from tuner import __version__, gaps, metrics, space, strategy
 from tuner.artifacts import artifact_store, artifacts_root, beats_best, render_images, upload_images
 from tuner.attrs import set_user_attrs
 from tuner.data import Splits, load_splits
@@ -357,6 +357,7 @@ class Worker:
         test = metrics.evaluate(model, splits.test, k=k, seed=seed).slot(0)
         attrs: dict[str, Any] = dict(val)
         attrs.update({f"test_{name}": test[name] for name in ("iwae_nll", "neg_elbo", "recon", "kl", "active_units")})
+        attrs.update(gaps.trial_gaps(model, splits.test, run.config))  # amortization/approximation gaps, test split
         attrs.update(best_epoch=state.best_epoch, best_val_neg_elbo=state.best_val, epochs=state.epoch,
                      end_reason=state.reason)
         if self.spec.objective == "iwae_nll":
