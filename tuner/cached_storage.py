@@ -198,7 +198,8 @@ class CachedStorage(BaseStorage, BaseHeartbeat):
         value, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(intermediate_value)
         columns = _VALUES.c
         source = sqlalchemy.select(
-            sqlalchemy.literal(trial_id, type_=columns.trial_id.type), sqlalchemy.literal(step, type_=columns.step.type),
+            sqlalchemy.literal(trial_id, type_=columns.trial_id.type),
+            sqlalchemy.literal(step, type_=columns.step.type),
             sqlalchemy.literal(value, type_=columns.intermediate_value.type),
             sqlalchemy.literal(kind, type_=columns.intermediate_value_type.type),
         ).where(sqlalchemy.exists().where(_TRIALS.c.trial_id == trial_id, _TRIALS.c.state == TrialState.RUNNING))
@@ -232,8 +233,11 @@ class CachedStorage(BaseStorage, BaseHeartbeat):
             return trial.system_attrs
 
         attrs = _SYSTEM_ATTRS.c
-        query = sqlalchemy.select(_TRIALS.c.trial_id, attrs.key, attrs.value_json).select_from(
-            _TRIALS.outerjoin(_SYSTEM_ATTRS, attrs.trial_id == _TRIALS.c.trial_id)).where(_TRIALS.c.trial_id == trial_id)
+        query = (  # the trial's row too: no attrs and no trial are told apart
+            sqlalchemy.select(_TRIALS.c.trial_id, attrs.key, attrs.value_json)
+            .select_from(_TRIALS.outerjoin(_SYSTEM_ATTRS, attrs.trial_id == _TRIALS.c.trial_id))
+            .where(_TRIALS.c.trial_id == trial_id)
+        )
         rows = self._retry(lambda: self._execute(lambda db: db.execute(query).all()), "get_trial_system_attrs")
         if not rows:
             raise KeyError(f"No trial with trial_id {trial_id} exists.")
@@ -295,11 +299,14 @@ class CachedStorage(BaseStorage, BaseHeartbeat):
                 return self._absorb(study, trials, states)
             seen_up_to, pending = study.seen_up_to, set(study.pending_ids)
 
-            # two index range scans; as one OR, SQLite scans every trial of the study (O(trials) per read)
+            # Two primary-key range scans, O(new trials). As one OR, SQLite scans every trial of the
+            # study; and PostgreSQL, its statistics stale after a burst of trials, picks the study_id
+            # index (every trial of the study, 3 ms at 10,000) unless "study_id + 0" rules it out.
             light = sqlalchemy.select(_TRIALS.c.trial_id, _TRIALS.c.state)
+            in_study = _TRIALS.c.study_id + 0 == study_id
             query = sqlalchemy.union_all(
-                light.where(_TRIALS.c.trial_id > seen_up_to, _TRIALS.c.study_id == study_id),
-                light.where(_TRIALS.c.trial_id.in_(pending), _TRIALS.c.study_id == study_id),
+                light.where(_TRIALS.c.trial_id > seen_up_to, in_study),
+                light.where(_TRIALS.c.trial_id.in_(pending), in_study),
             )
             rows = self._retry(lambda: self._execute(lambda db: db.execute(query).all()), "get_all_trials")
             study.pending_ids.update(trial_id for trial_id, _ in rows if trial_id not in study.finished_ids)
@@ -311,7 +318,9 @@ class CachedStorage(BaseStorage, BaseHeartbeat):
             trials = self._backend._get_trials(study_id, None, wanted, max(wanted))
             return self._absorb(study, trials, states)
 
-    def _absorb(self, study: _Study, trials: list[FrozenTrial], states: Container[TrialState] | None) -> list[FrozenTrial]:
+    def _absorb(
+        self, study: _Study, trials: list[FrozenTrial], states: Container[TrialState] | None
+    ) -> list[FrozenTrial]:
         """Keep the finished ``trials``; return the unfinished ones in ``states``."""
         live = []
         for trial in trials:
