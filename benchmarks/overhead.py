@@ -9,12 +9,12 @@ stale-trial checks) stays under 2% of the worker's wall time. Two measurements, 
    in a subprocess (random sampler, no pruner, N trials of E epochs, one slot on the CPU), then
    *bare*: this process retrains every complete trial's stored config (user attr ``config``) with
    ``Population.for_configs`` + ``run_epoch`` until done and evaluates it on val and test
-   (``metrics.evaluate``, as the worker does), with no Optuna, store, checkpoint or image. Tuner
+   (``metrics.evaluate`` and ``gaps.trial_gaps``, as the worker does), with no Optuna, store, checkpoint or image. Tuner
    wall = the first trial's ``datetime_start`` to the last trial's ``datetime_complete`` (the
    store's timestamps): process start-up (imports, study, data) is printed apart. Medians over rounds.
 2. Own work. The worker runs once more per store in this process with a timer around each of its
    phases (outermost call only, main thread): own work = 1 - compute / worker wall, where compute
-   is train + validate, final metrics and the best-weights copy. Both parts are timed in the same
+   is train + validate, final metrics, the gaps and the best-weights copy. Both parts are timed in the same
    interval, so load from other processes on the machine skews it far less than (1).
 
 The verdict passes when both are under 2%. The space leaves latent and hidden sizes fixed, so the
@@ -49,7 +49,7 @@ from optuna.trial import TrialState
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuner import metrics  # noqa: E402
+from tuner import gaps, metrics  # noqa: E402
 from tuner.data import Splits, load_splits  # noqa: E402
 from tuner.engine import Population  # noqa: E402
 from tuner.spec import DataConfig, TrainConfig, parse_config  # noqa: E402
@@ -164,7 +164,7 @@ def run_tuner(spec: dict[str, Any], url: str, tmp: Path) -> TunerRun:
 
 def train_bare(config: TrainConfig, splits: Splits) -> float:
     """One trial's compute with no tuner around it: train epoch by epoch, then the final metrics
-    the worker computes (best-epoch weights, val and test). Returns the val IWAE NLL."""
+    the worker computes (best-epoch weights, val and test, the gaps). Returns the val IWAE NLL."""
     pop = Population.for_configs([config], splits)
     while pop.running():
         pop.run_epoch()
@@ -173,6 +173,7 @@ def train_bare(config: TrainConfig, splits: Splits) -> float:
     k, seed = config.train.iwae_k, config.seed
     val = metrics.evaluate(model, splits.val, k=k, seed=seed).slot(0)
     metrics.evaluate(model, splits.test, k=k, seed=seed).slot(0)
+    gaps.trial_gaps(model, splits.test, config)
     return float(val["iwae_nll"])
 
 
@@ -189,6 +190,7 @@ def run_bare(configs: list[TrainConfig], splits: Splits) -> tuple[list[float], l
 # --------------------------------------------------------------------------- 2. own work
 def _phases(worker: Any) -> list[tuple[str, Any, str]]:
     """(label, owner, attribute) of each phase of the worker loop; "compute" ones are the bare work."""
+    import tuner.gaps
     import tuner.metrics
     import tuner.space
     import tuner.worker
@@ -196,6 +198,7 @@ def _phases(worker: Any) -> list[tuple[str, Any, str]]:
     phases = [
         ("compute: train + validate", Population, "run_epoch"),
         ("compute: final metrics", tuner.metrics, "evaluate"),
+        ("compute: gaps", tuner.gaps, "trial_gaps"),
         ("compute: best-weights copy", Population, "slot_model"),
         ("images: render + upload", type(worker), "_upload_images"),
         ("checkpoint: slot_checkpoint", Population, "slot_checkpoint"),

@@ -39,7 +39,7 @@ def tiny(small_npz: Path):
             "model": {"latent": 8, "hidden": 64, "depth": 1},
             "optim": {"batch_size": 64},
             "kl": {"schedule": "linear", "warmup_epochs": 2},
-            "train": {"epochs": 2, "iwae_k": 20},
+            "train": {"epochs": 2, "iwae_k": 20, "gap_examples": 16, "gap_steps": 20},
         }
         return parse_config(merge(base, over))
 

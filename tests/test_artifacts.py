@@ -53,7 +53,7 @@ def _study(tmp: Path, npz: Path, name: str, params: list[dict], epochs: int) -> 
     spec = study_yaml(
         tmp, npz, name, url,
         base={"data": {"dataset": f"npz:{npz}"}, "model": {"hidden": 128, "depth": 1}, "optim": {"batch_size": 64},
-              "kl": {"schedule": "constant"}, "train": {"iwae_k": 5}},
+              "kl": {"schedule": "constant"}, "train": {"iwae_k": 5, "gap_examples": 16, "gap_steps": 20}},
         space={"optim.lr": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
                "model.latent": {"type": "categorical", "choices": [3, 8]}},
         budget={"trials": len(params), "epochs": epochs},

@@ -50,7 +50,7 @@ def build_study(tmp: Path, npz: Path, name: str, enqueue: list[dict], **over) ->
              "kl.beta": {"type": "categorical", "choices": [1.0, 30.0]},
              "optim.lr": {"type": "categorical", "choices": [1e-2, 1e-6]}}
     over = {"base": {"data": {"dataset": f"npz:{npz}"}, "model": {"hidden": 32, "depth": 1},
-                     "optim": {"batch_size": 32}, "kl": {"schedule": "constant"}, "train": {"iwae_k": 5}},
+                     "optim": {"batch_size": 32}, "kl": {"schedule": "constant"}, "train": {"iwae_k": 5, "gap_examples": 16, "gap_steps": 20}},
             "space": space, "budget": {"trials": len(enqueue), "epochs": 3}, **over}
     spec = study_yaml(tmp, npz, name, url, **over)
     study = create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
