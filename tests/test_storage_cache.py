@@ -66,6 +66,7 @@ def test_open_storage_returns_the_cache_with_the_rdb_attributes(url: str) -> Non
     assert storage.engine.url.drivername in ("sqlite", "postgresql+psycopg")  # the RDBStorage's attributes
     study = optuna.create_study(storage=storage)
     assert study._storage is storage  # Optuna does not wrap it in its own _CachedStorage again
+    assert type(storage.backend) is optuna.storages.RDBStorage  # what the dashboard gets: Optuna's own class
 
 
 def test_the_cache_shows_what_optunas_storage_shows_while_the_study_changes(url: str) -> None:

@@ -106,6 +106,12 @@ class CachedStorage(BaseStorage, BaseHeartbeat):
         self._param_distributions: dict[tuple[int, str], distributions.BaseDistribution] = {}
         self._trial_study: dict[int, int] = {}  # trial_id -> study_id, for trials this process made
 
+    @property
+    def backend(self) -> RDBStorage:
+        """The RDBStorage behind the cache, for tools that want Optuna's own class (the dashboard
+        sorts studies and offers schema migration only for an RDBStorage) and read, not train."""
+        return self._backend
+
     def __getattr__(self, name: str) -> Any:
         # only called for names this class lacks: engine, url, grace_period, engine_kwargs, ...
         if name.startswith("__") or name == "_backend":

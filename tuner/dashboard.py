@@ -43,7 +43,8 @@ def serve(storage_url: str, host: str = "127.0.0.1", port: int = 8080, artifacts
             f"storage '{mask_url(storage_url)}': no such file; run a study first (tuner run) or fix --storage"
         )
     _check_port_free(host, port)
-    storage = open_storage(storage_url, heartbeat_interval=None, grace_period=None)
+    # Optuna's own RDBStorage, not the workers' cache: the dashboard's RDB features need its class
+    storage = open_storage(storage_url, heartbeat_interval=None, grace_period=None).backend
     store = artifact_store(storage_url, artifacts)
     if not is_loopback(host):
         print(
