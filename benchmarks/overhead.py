@@ -68,7 +68,7 @@ def spec_dict(name: str, trials: int, epochs: int, hidden: int) -> dict[str, Any
             "model": {"arch": "mlp", "latent": 16, "hidden": hidden, "depth": 2},
             "optim": {"name": "adam", "batch_size": 64},
             "kl": {"schedule": "linear"},
-            "train": {"iwae_k": 50},
+            "train": {"iwae_k": 50, "gap_examples": 32, "gap_steps": 50},  # final metrics and gaps kept small
         },
         "space": {
             "optim.lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True},

@@ -42,7 +42,7 @@ def bench_databases() -> set[str]:
 
 def test_overhead_prints_tuner_and_bare_walls_for_both_stores() -> None:
     before = bench_databases()
-    out = run_script("overhead.py", "--trials", "2", "--epochs", "1", "--hidden", "32", "--rounds", "1")
+    out = run_script("overhead.py", "--trials", "2", "--epochs", "1", "--hidden", "32", "--rounds", "1", timeout=400)
     rows = table(out, "store trials")
     assert set(rows) == {"sqlite", "postgres"}
     own_work = {}
