@@ -178,7 +178,7 @@ def tuner_spec(seconds: float, epochs: int, workers: int) -> dict[str, Any]:
             "model": {"arch": "mlp", "depth": DEPTH},
             "optim": {"name": "adam", "batch_size": BATCH},
             "kl": {"schedule": "linear"},
-            "train": {"iwae_k": IWAE_K},
+            "train": {"iwae_k": IWAE_K, "gap_examples": 0},  # no gap analysis: the plain side has none either
         },
         "space": {
             "model.latent": {"type": "int", "low": LATENT[0], "high": LATENT[1], "log": True},

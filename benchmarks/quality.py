@@ -7,7 +7,8 @@ The foundation's quality bar: the default config, 50 epochs on CPU, reaches a te
 (K=200) of at most 108 nats on mnist5k with the seeded 3500/500/1000 split.
 ``--families`` trains the same config once per model family (FAMILIES: the model fields each
 sets) at the same epoch budget and prints one row per family: test IWAE NLL, -ELBO, KL, active
-units, MI (for non-Gaussian families KL and MI are estimates: see tuner.metrics).
+units, MI (for non-Gaussian families KL and MI are estimates: see tuner.metrics) and the
+amortization and approximation gaps (tuner.gaps).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,8 @@ FAMILIES: dict[str, dict[str, Any]] = {  # model fields over the config's, per f
     "iaf": {"posterior": "iaf", "flow_steps": 2},
     "ladder": {"hierarchy": "ladder", "latent2": 16},
 }
-FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "train_s")
+FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "amortization_gap",
+                  "approximation_gap", "train_s")
 
 
 def family_config(config: TrainConfig, family: str) -> TrainConfig:
@@ -42,20 +45,20 @@ def family_config(config: TrainConfig, family: str) -> TrainConfig:
     return parse_config(raw, source=f"family {family}")
 
 
-def family_rows(config: TrainConfig, families: list[str], device: str) -> list[dict[str, Any]]:
-    """One row per family: the family's name and its test metrics (metrics.json's keys)."""
-    rows = []
+def family_rows(config: TrainConfig, families: list[str], device: str) -> Iterator[dict[str, Any]]:
+    """One row per family as it finishes: the family's name and its test metrics (metrics.json's keys)."""
     for family in families:
         with tempfile.TemporaryDirectory() as out:
-            rows.append({"family": family, **train_config(family_config(config, family), out, device=device).metrics})
-    return rows
+            yield {"family": family, **train_config(family_config(config, family), out, device=device).metrics}
 
 
-def print_family_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'family':<10}" + "".join(f"{c:>14}" for c in FAMILY_COLUMNS))
+def print_family_table(rows: Iterable[dict[str, Any]]) -> None:
+    """The table, a row printed as soon as its family is trained (a long run shows progress)."""
+    print(f"{'family':<10}" + "".join(f"{c:>18}" for c in FAMILY_COLUMNS), flush=True)
     for row in rows:
-        cells = (f"{row[c]:>14.2f}" if isinstance(row[c], float) else f"{row[c]!s:>14}" for c in FAMILY_COLUMNS)
-        print(f"{row['family']:<10}" + "".join(cells))
+        values = (row.get(c, "-") for c in FAMILY_COLUMNS)  # no gaps when train.gap_examples is 0
+        cells = (f"{v:>18.2f}" if isinstance(v, float) else f"{v!s:>18}" for v in values)
+        print(f"{row['family']:<10}" + "".join(cells), flush=True)
 
 
 def main() -> None:

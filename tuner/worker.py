@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from tuner import __version__, gaps, metrics, space, strategy
 from tuner.artifacts import artifact_store, artifacts_root, beats_best, render_images, upload_images
 from tuner.attrs import set_user_attrs
+from tuner.budget_lock import budget_lock
 from tuner.data import Splits, load_splits
 from tuner.engine import EpochResult, Population, PopulationShape, latent_size
 from tuner.errors import TunerError
@@ -247,8 +248,11 @@ class Worker:
 
     def _fill(self) -> None:
         """Refill free slots with new (or retried) trials while the budget allows."""
-        while len(self.running) < self.slots and self._may_ask():
-            trial = self.study.ask()
+        while len(self.running) < self.slots:
+            with budget_lock(self.storage, self.study.study_name):  # no two workers ask for the last trial
+                if not self._may_ask():
+                    break
+                trial = self.study.ask()
             # beat at once: a trial without any heartbeat never goes stale, so a worker dying
             # before its first beat would leave the trial RUNNING forever
             self._heartbeats.add(trial._trial_id)
