@@ -74,14 +74,14 @@ def test_overhead_prints_tuner_and_bare_walls_for_both_stores() -> None:
 
 
 def test_plain_optuna_prints_both_setups_on_the_same_budget() -> None:
-    out = run_script("plain_optuna.py", "--seconds", "8", "--epochs", "1")
+    out = run_script("plain_optuna.py", "--seconds", "12", "--epochs", "1")
     rows = table(out, "setup")
     assert set(rows) == {"plain-optuna", "tuner"}
     for name, (strategy, trials, complete, pruned, epochs, best, late, wall) in rows.items():
         trials, complete, pruned, epochs = int(trials), int(complete), int(pruned), int(epochs)
         assert trials == complete + pruned and epochs >= trials and int(late) >= 0, name
-        assert float(wall) >= 8.0, name  # each setup ran at least the wall time T
+        assert float(wall) >= 12.0, name  # each setup ran at least the wall time T
         assert math.isnan(float(best)) == (complete == 0), name
     assert strategy.startswith("tpe+hyperband")
-    assert int(rows["plain-optuna"][1]) >= 1  # plain Optuna finishes 1-epoch trials within 8 s
+    assert int(rows["plain-optuna"][1]) >= 1  # plain Optuna finishes 1-epoch trials within 12 s
     assert any(line.startswith("difference") for line in out.splitlines())
