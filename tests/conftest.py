@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,12 @@ import pytest
 
 from tuner.data import load_array, load_splits
 from tuner.spec import TrainConfig, parse_config
+
+# A suite started in the background by a non-interactive shell (`cmd &` in a script) inherits
+# SIGINT ignored, and so would every process it spawns: the Ctrl-C tests (launcher, dashboard)
+# would send a signal nobody hears. Give the suite the terminal's default back; children get it too.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
