@@ -107,6 +107,8 @@ def test_bad_learning_rates_are_pruned_before_max_epochs(tmp_path: Path, small_n
     )
     study = create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
     study.enqueue_trial({"optim.lr": 3e-3})  # one good trial completes first: the pruner's reference
+    for _ in range(2):  # then bad ones for sure (the worker's sampler seed depends on its pid)
+        study.enqueue_trial({"optim.lr": 1e-6})
     Worker(url, "prune", slots=1, device="cpu", artifacts=tmp_path / "art", log=lambda s: None).run()
     ts = study.get_trials()
     bad = [t for t in ts if t.params["optim.lr"] == 1e-6]
