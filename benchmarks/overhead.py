@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from optuna.trial import TrialState
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stores import store  # noqa: E402  (benchmarks/stores.py, beside this script)
 from tuner import gaps, metrics  # noqa: E402
 from tuner.data import Splits, load_splits  # noqa: E402
 from tuner.engine import Population  # noqa: E402
@@ -56,7 +56,6 @@ from tuner.spec import DataConfig, TrainConfig, parse_config  # noqa: E402
 from tuner.study import CREATED_ATTR  # noqa: E402
 
 TARGET = 0.02  # the tuner's own work as a fraction of the worker's wall time
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 
 
 def spec_dict(name: str, trials: int, epochs: int, hidden: int) -> dict[str, Any]:
@@ -81,33 +80,6 @@ def spec_dict(name: str, trials: int, epochs: int, hidden: int) -> dict[str, Any
         "budget": {"trials": trials, "epochs": epochs},
         "workers": {"count": 1, "slots": 1, "device": "cpu"},
     }
-
-
-# ------------------------------------------------------------------------------------ stores
-@contextmanager
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database as a storage URL; dropped afterwards."""
-    import psycopg
-    from psycopg import sql
-
-    name = f"tuner_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@contextmanager
-def store(kind: str, tmp: Path) -> Iterator[str]:
-    """A fresh, empty store of `kind` (sqlite | postgres) as a storage URL."""
-    if kind == "postgres":
-        with postgres_url() as url:
-            yield url
-    else:
-        yield f"sqlite:///{tmp / f'{uuid.uuid4().hex[:8]}.db'}"
 
 
 def cpu_pressure_s() -> float | None:

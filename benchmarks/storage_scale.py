@@ -41,10 +41,8 @@ import sys
 import tempfile
 import time
 import traceback
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -58,45 +56,19 @@ from optuna.trial import TrialState
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stores import store  # noqa: E402  (benchmarks/stores.py, beside this script)
 from tuner import strategy  # noqa: E402
 from tuner.attrs import set_user_attrs  # noqa: E402
 from tuner.cached_storage import CachedStorage  # noqa: E402
 from tuner.storage import open_storage  # noqa: E402
 from tuner.study_spec import StudySpec, parse_study_spec  # noqa: E402
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 TARGET_MS = 10.0  # median epoch (report + should_prune)
 FLAT = 1.5  # median epoch at the largest size / at the smallest
 STORAGES = ("optuna", "tuner")  # baseline first
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-
-
-# ------------------------------------------------------------------------------------ stores
-@contextmanager
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database as a storage URL; dropped afterwards (connections and all)."""
-    import psycopg
-    from psycopg import sql
-
-    name = f"tuner_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@contextmanager
-def store(kind: str, tmp: Path) -> Iterator[str]:
-    if kind == "postgres":
-        with postgres_url() as url:
-            yield url
-    else:
-        yield f"sqlite:///{tmp / f'scale-{uuid.uuid4().hex[:8]}.db'}"
 
 
 def plain_storage(url: str) -> optuna.storages.RDBStorage:
@@ -332,7 +304,7 @@ def measure_size(url: str, study_name: str, pruners: list[str], epochs: int, liv
 def run_scale(args: argparse.Namespace, tmp: Path) -> dict[tuple[str, int, str, str], Cell]:
     results: dict[tuple[str, int, str, str], Cell] = {}
     for backend in args.backends:
-        with store(backend, tmp) as url:
+        with store(backend, tmp, "scale-") as url:
             name = "scale"
             optuna.create_study(study_name=name, storage=plain_storage(url), direction="minimize")
             in_study = 0  # the live trials stay in the study: each size is topped up to the next
@@ -384,7 +356,7 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[float, T
     store) per storage kind."""
     results = {}
     ctx = mp.get_context("spawn")
-    with store("postgres", tmp) as url:
+    with store("postgres", tmp, "scale-") as url:
         for kind in STORAGES:
             name = f"workers-{kind}"
             optuna.create_study(study_name=name, storage=plain_storage(url), direction="minimize")
