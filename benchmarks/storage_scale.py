@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from stores import store  # noqa: E402  (benchmarks/stores.py, beside this script)
 from tuner import strategy  # noqa: E402
-from tuner.attrs import set_user_attrs  # noqa: E402
+from tuner.attrs import set_trial_attrs  # noqa: E402
 from tuner.cached_storage import CachedStorage  # noqa: E402
 from tuner.storage import open_storage  # noqa: E402
 from tuner.study_spec import StudySpec, parse_study_spec  # noqa: E402
@@ -146,7 +146,7 @@ class QueryCounter:
 def synthetic_trial(study: optuna.Study, epochs: int, rng: random.Random, timings: Timings,
                     counter: QueryCounter | None = None) -> None:
     """One trial as the worker runs it, minus the training. The end attrs: one transaction through
-    ours (``tuner.attrs.set_user_attrs``, as the worker), one ``set_user_attr`` each through plain
+    ours (``tuner.attrs.set_trial_attrs``, as the worker), one ``set_user_attr`` each through plain
     Optuna."""
     trial = study.ask()
     params = suggest(trial)
@@ -166,7 +166,7 @@ def synthetic_trial(study: optuna.Study, epochs: int, rng: random.Random, timing
             break
     attrs = end_attrs(trial.number, step + 1)
     if isinstance(study._storage, CachedStorage):  # a worker's store
-        set_user_attrs(trial, attrs)
+        set_trial_attrs(trial, attrs)
     else:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)

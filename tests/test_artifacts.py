@@ -25,10 +25,11 @@ from tuner.artifacts import (
     artifacts_root,
     beats_best,
     render_images,
+    save_images,
     traversal_dims,
     trial_images,
-    upload_images,
 )
+from tuner.attrs import set_trial_attrs
 from tuner.data import load_splits
 from tuner.engine import Population, PopulationShape
 from tuner.errors import TunerError
@@ -128,7 +129,7 @@ def test_images_round_trip_through_the_file_store(built: Built) -> None:
     assert np.array_equal(tile, want)
 
 
-def test_upload_images_round_trips_any_png_and_refuses_other_names(tmp_path: Path) -> None:
+def test_saved_images_round_trip_any_png_and_other_names_are_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/u.db"
     study = optuna.create_study(storage=url, study_name="u")
     trial = study.ask()
@@ -136,12 +137,17 @@ def test_upload_images_round_trips_any_png_and_refuses_other_names(tmp_path: Pat
     gray = Image.fromarray(np.full((3, 2), 7, dtype=np.uint8))
     store = artifact_store(url)  # default root: beside the SQLite file
     assert artifacts_root(url) == tmp_path / "artifacts" and (tmp_path / "artifacts" / "optuna").is_dir()
-    upload_images(study, trial, {"a.png": rgb, "samples.png": gray}, store)
+    attrs = save_images({"a.png": rgb, "samples.png": gray}, store)
     with pytest.raises(ValueError, match="PNG file names"):
-        upload_images(study, trial, {"../escape.png": gray}, store)
+        save_images({"../escape.png": gray}, store)
+    set_trial_attrs(trial, system=attrs)
     study.tell(trial, 1.0)
     got = trial_images(study, study.trials[0], store)
     assert sorted(got) == ["a.png", "samples.png"]
+    # the attrs are what Optuna's upload_artifact writes: its own reader lists them
+    metas = get_all_artifact_meta(study.trials[0], storage=study._storage)
+    assert sorted((m.filename, m.mimetype, m.encoding) for m in metas) == [
+        ("a.png", "image/png", None), ("samples.png", "image/png", None)]
     assert np.array_equal(np.asarray(_png(got["a.png"])), np.asarray(rgb)) and _png(got["a.png"]).mode == "RGB"
     assert np.array_equal(np.asarray(_png(got["samples.png"])), np.asarray(gray))
     other = study.ask()
@@ -221,7 +227,8 @@ def test_render_and_upload_cost_well_under_a_second(tmp_path: Path, small_npz: P
     for _ in range(3):
         trial = study.ask()
         start = time.perf_counter()
-        upload_images(study, trial, render_images(model, splits.val, splits.image_shape, 0, traversal=True), store)
+        images = render_images(model, splits.val, splits.image_shape, 0, traversal=True)
+        set_trial_attrs(trial, system=save_images(images, store))
         costs.append(time.perf_counter() - start)
         study.tell(trial, 1.0)
     assert min(costs) < 0.5, costs
@@ -242,6 +249,6 @@ def test_a_broken_store_does_not_fail_the_trial(tmp_path: Path, small_npz: Path)
     assert t.user_attrs["artifact_error"].startswith("NotADirectoryError")
     assert any("images not stored" in line for line in log)
     root.unlink()
-    # its ids were recorded before the write failed: reading them back finds nothing, and says so quietly
-    assert get_all_artifact_meta(t, storage=study._storage)
+    # files are written before the attrs that point at them: the trial records no missing artifact
+    assert get_all_artifact_meta(t, storage=study._storage) == []
     assert trial_images(study, t, artifact_store(url, tmp_path / "art")) == {}

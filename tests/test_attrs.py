@@ -1,4 +1,5 @@
-"""set_user_attrs: one transaction on real SQLite and PostgreSQL, same rows as set_user_attr."""
+"""set_trial_attrs: one transaction on real SQLite and PostgreSQL, same rows as set_user_attr and
+set_trial_system_attr, and the worker's cached copy of the trial in step."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from tuner.attrs import set_user_attrs
+from tuner.attrs import set_trial_attrs
 from tuner.storage import open_storage
 
 ATTRS = {"iwae_nll": 98.25, "collapsed": False, "config": {"model": {"latent": 16}}, "name": "x'\"{}",
          "curve": [1.5, float("inf")], "none": None}
+SYSTEM = {"constraints:collapsed": -1.0, "artifacts:1234": '{"artifact_id": "1234", "filename": "a.png"}'}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -35,7 +37,7 @@ def test_one_transaction_and_the_rows_set_user_attr_writes(url: str) -> None:
     ours, theirs = study.ask(), study.ask()
     ours.set_user_attr("iwae_nll", 500.0)  # an existing key is overwritten
     commits = _commits(storage)
-    set_user_attrs(ours, ATTRS)
+    set_trial_attrs(ours, ATTRS)
     assert commits[0] == 1
     for key, value in ATTRS.items():
         theirs.set_user_attr(key, value)
@@ -46,14 +48,33 @@ def test_one_transaction_and_the_rows_set_user_attr_writes(url: str) -> None:
     assert stored[ours.number] == stored[theirs.number] == ATTRS
 
 
+def test_user_and_system_attrs_in_one_transaction_as_optuna_writes_them(url: str) -> None:
+    storage = open_storage(url, heartbeat_interval=None, grace_period=None)
+    study = optuna.create_study(storage=storage, study_name="both")
+    ours, theirs = study.ask(), study.ask()
+    commits = _commits(storage)
+    set_trial_attrs(ours, ATTRS, SYSTEM)
+    assert commits[0] == 1
+    for key, value in ATTRS.items():
+        theirs.set_user_attr(key, value)
+    for key, value in SYSTEM.items():
+        storage.set_trial_system_attr(theirs._trial_id, key, value)
+    cached = storage.get_trial(ours._trial_id)  # the worker's copy of its running trial, from memory
+    assert (cached.user_attrs, cached.system_attrs) == (ATTRS, SYSTEM)
+    assert ours._cached_frozen_trial.system_attrs == SYSTEM  # the trial object's own view, as set_constraint keeps it
+    fresh = open_storage(url, heartbeat_interval=None, grace_period=None)
+    stored = {t.number: (t.user_attrs, t.system_attrs) for t in fresh.get_all_trials(study._study_id)}
+    assert stored[ours.number] == stored[theirs.number] == (ATTRS, SYSTEM)
+
+
 def test_a_finished_trial_is_refused_and_keeps_its_attrs(url: str) -> None:
     storage = open_storage(url, heartbeat_interval=None, grace_period=None)
     study = optuna.create_study(storage=storage, study_name="done")
     trial = study.ask()
-    set_user_attrs(trial, {"a": 1})
+    set_trial_attrs(trial, {"a": 1})
     study.tell(trial, 1.0)
     with pytest.raises(RuntimeError, match="finished"):
-        set_user_attrs(trial, {"a": 2, "b": 3})
+        set_trial_attrs(trial, {"a": 2, "b": 3})
     (frozen,) = study.get_trials(states=(TrialState.COMPLETE,))
     assert frozen.user_attrs == {"a": 1}
 
@@ -61,5 +82,5 @@ def test_a_finished_trial_is_refused_and_keeps_its_attrs(url: str) -> None:
 def test_other_storages_fall_back_to_one_call_per_attr() -> None:
     study = optuna.create_study()  # in-memory
     trial = study.ask()
-    set_user_attrs(trial, ATTRS)
+    set_trial_attrs(trial, ATTRS)
     assert study.trials[0].user_attrs == ATTRS

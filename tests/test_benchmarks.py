@@ -45,28 +45,33 @@ def test_overhead_prints_tuner_and_bare_walls_for_both_stores() -> None:
     out = run_script("overhead.py", "--trials", "2", "--epochs", "1", "--hidden", "32", "--rounds", "1", timeout=400)
     rows = table(out, "store trials")
     assert set(rows) == {"sqlite", "postgres"}
-    own_work = {}
-    for store, (trials, tuner_s, bare_s, overhead, own, lt, target, verdict) in rows.items():
-        tuner_s, bare_s, overhead, own_work[store] = float(tuner_s), float(bare_s), float(overhead), float(own)
-        assert int(trials) == 2 and tuner_s > 0 and bare_s > 0, store
+    own_all = {}
+    for store, row in rows.items():
+        trials, book, lt, target, verdict, checkpoint, images, own, tuner_s, bare_s, overhead, noise = row
+        book, checkpoint, images, own_all[store] = float(book), float(checkpoint), float(images), float(own)
+        tuner_s, bare_s, overhead, noise = float(tuner_s), float(bare_s), float(overhead), float(noise)
+        assert int(trials) == 2 and tuner_s > 0 and bare_s > 0 and noise >= 0, store
         assert math.isclose(overhead, 100 * (tuner_s - bare_s) / tuner_s, abs_tol=5.0), store  # medians of 1
-        assert 0 < own_work[store] < 100, store
-        assert (lt, target) == ("<", "2%") and verdict == ("pass" if max(overhead, own_work[store]) < 2 else "FAIL")
+        assert 0 < book < 100 and checkpoint > 0 and images > 0, store
+        assert math.isclose(own_all[store], book + checkpoint + images, abs_tol=0.05), store
+        assert (lt, target) == ("<", "2%") and verdict == ("pass" if book < 2 else "FAIL")
     breakdown = table(out, "store extra_ms")
     assert set(breakdown) == {"sqlite", "postgres"}
     for extra, in_trial, between, startup, exit_s in breakdown.values():
         assert math.isclose(float(extra), float(in_trial) + float(between), abs_tol=1.0)
         assert float(startup) > 0 and float(exit_s) >= 0
-    # the phases of the timed worker are exclusive: with "other" they add up to its wall, and
-    # everything but compute is the own work of the main table
+    # the main thread's phases are exclusive: with "other" they add up to its wall; with the writer
+    # thread's CPU, everything but compute is the own work of the main table
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("phase "))
     end = next(i for i, line in enumerate(lines) if line.startswith("= own work"))
-    phases = [line.split()[-5:] for line in lines[start + 1 : end]]  # sqlite ms, %, postgres ms, %, calls
+    phases = {line.rsplit(None, 5)[0]: line.split()[-5:] for line in lines[start + 1 : end]}
+    writer = phases.pop("checkpoint: write (background thread, CPU)")  # sqlite ms, %, postgres ms, %, calls
+    assert float(writer[-1]) == 1.0  # one checkpoint per trial and epoch
     total = lines[end].split()
     for i, store in ((1, "sqlite"), (3, "postgres")):
-        assert math.isclose(sum(float(row[i]) for row in phases), 100.0, abs_tol=0.5), store
-        assert math.isclose(float(total[-4 + i]), own_work[store], abs_tol=0.01), store
+        assert math.isclose(sum(float(row[i]) for row in phases.values()), 100.0, abs_tol=0.5), store
+        assert math.isclose(float(total[-4 + i]), own_all[store], abs_tol=0.01), store
     # the bare retraining is the very compute of the tuner's trials: same objective values
     reproduced = next(line for line in lines if line.startswith("bare retraining reproduces"))
     assert float(reproduced.split(" to ")[1].split()[0]) < 1e-3

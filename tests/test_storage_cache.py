@@ -10,13 +10,16 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import optuna
 import psycopg
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState, create_trial
 
+from tuner.attrs import set_trial_attrs
 from tuner.cached_storage import CachedStorage
 from tuner.storage import open_storage
 
@@ -89,13 +92,14 @@ def test_the_cache_shows_what_optunas_storage_shows_while_the_study_changes(url:
     # the other storage (another worker) changes things the cache has seen unfinished or not at all
     fast_there = optuna.trial.Trial(theirs, fast._trial_id)
     fast_there.report(2.0, 0)
-    theirs_storage.set_trial_system_attr(slow._trial_id, "completed_rung_0", 1.0)
     theirs.tell(fast_there, 0.5)  # finishes after a trial with a higher number
     late = ask(theirs)  # the other worker takes the enqueued trial
     late.report(3.0, 0)
+    theirs_storage.set_trial_system_attr(late._trial_id, "completed_rung_0", 1.0)
     assert late.params == {"x": 0.25}
     assert_same_view(ours, theirs)
-    assert ours._storage.get_trial_system_attrs(slow._trial_id) == {"completed_rung_0": 1.0}
+    assert ours._storage.get_trial_system_attrs(late._trial_id) == {"fixed_params": {"x": 0.25}, "completed_rung_0": 1.0}
+    assert ours._storage.get_trial(fast._trial_id).state == TrialState.COMPLETE  # made here, told there
 
     ours.tell(slow, state=TrialState.PRUNED)
     ask(ours)
@@ -103,6 +107,101 @@ def test_the_cache_shows_what_optunas_storage_shows_while_the_study_changes(url:
     assert_same_view(ours, theirs)
     assert ours.best_trial.number == late.number and ours.best_value == 0.1
     assert storage.get_n_trials(ours._study_id, (TrialState.COMPLETE,)) == 5
+
+
+def statements(storage: CachedStorage) -> list[int]:
+    """A live count of the SQL statements the storage's engine runs."""
+    counter = [0]
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute",
+                            lambda *args: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def test_a_trial_this_process_runs_is_read_from_memory_as_the_store_holds_it(url: str) -> None:
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="own", storage=storage)
+    study.enqueue_trial({"x": 0.75}, user_attrs={"queued": True})
+    popped, made = ask(study), ask(study)  # one taken from the queue, one created here
+    assert popped.params == {"x": 0.75}
+    for trial in (popped, made):
+        trial.suggest_int("n", 1, 4)
+        trial.report(2.5, 0)
+        trial.report(math.inf, 1)
+        trial.set_user_attr("u", [1, 2])
+        storage.set_trial_system_attr(trial._trial_id, "completed_rung_0", 2.5)
+        set_trial_attrs(trial, {"metrics": {"nll": 90.5}}, {"constraints:collapsed": -1.0})
+    count = statements(storage)
+    ours = [storage.get_trial(t._trial_id) for t in (popped, made)]
+    assert count[0] == 0  # from memory
+    assert snapshot(ours) == snapshot([plain(url).get_trial(t._trial_id) for t in (popped, made)])
+    assert ours[0].distributions == plain(url).get_trial(popped._trial_id).distributions
+    ours[0].user_attrs["u"].append(3)  # a copy: changing it leaves the cache alone
+    assert storage.get_trial(popped._trial_id).user_attrs["u"] == [1, 2]
+
+    told = study.tell(made, 1.5)  # reads the trial twice; the second time back as told, one statement
+    assert count[0] <= 6, count[0]
+    study.tell(popped, state=TrialState.PRUNED)
+    assert snapshot([told]) == snapshot([plain(url).get_trial(made._trial_id)])
+    for trial in (popped, made):  # the told copy, then the store's once a read refreshes the study
+        assert snapshot([storage.get_trial(trial._trial_id)]) == snapshot([plain(url).get_trial(trial._trial_id)])
+    assert_same_view(study, optuna.load_study(study_name="own", storage=plain(url)))
+    assert snapshot([storage.get_trial(made._trial_id)]) == snapshot([plain(url).get_trial(made._trial_id)])
+
+
+def test_a_trial_failed_by_another_process_is_never_told_twice(url: str) -> None:
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="stale", storage=storage)
+    trial = ask(study)
+    trial.report(1.0, 0)
+    plain(url).set_trial_state_values(trial._trial_id, TrialState.FAIL)  # another worker's stale-trial check
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        trial.report(2.0, 1)  # the store refuses; the cached copy goes
+    assert storage.get_trial(trial._trial_id).state == TrialState.FAIL
+    with pytest.raises(ValueError, match="Cannot tell a FAIL trial"):
+        study.tell(trial, 1.0)
+    again = ask(study)
+    plain(url).set_trial_state_values(again._trial_id, TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(again, 1.0)  # the copy still says running: the store's write refuses the tell
+    assert [t.state for t in plain(url).get_all_trials(study._study_id)] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_trials_are_counted_by_state_without_loading_them(url: str) -> None:
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="count", storage=storage)
+    theirs = optuna.load_study(study_name="count", storage=plain(url))
+    study.add_trials([create_trial(value=1.0), create_trial(state=TrialState.PRUNED), create_trial(state=TrialState.FAIL)])
+    running = ask(study)
+    study.enqueue_trial({"x": 0.5})
+    assert storage.count_trials(study._study_id) == {
+        TrialState.COMPLETE: 1, TrialState.PRUNED: 1, TrialState.FAIL: 1, TrialState.RUNNING: 1, TrialState.WAITING: 1}
+    taken = ask(theirs)  # the other worker takes the queued trial, finishes it and ours, and adds one
+    theirs.tell(taken, 2.0)
+    theirs.tell(running.number, state=TrialState.PRUNED)
+    theirs.add_trial(create_trial(value=0.5))
+    count = statements(storage)
+    counts = storage.count_trials(study._study_id)
+    assert count[0] == 1  # the light query: no trial loaded
+    assert counts == {TrialState.COMPLETE: 3, TrialState.PRUNED: 2, TrialState.FAIL: 1}
+    assert counts == dict(Counter(t.state for t in theirs.get_trials()))
+    assert_same_view(study, theirs)  # the next read loads what the count only saw
+    assert study.best_value == 0.5 and storage.count_trials(study._study_id) == counts
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_the_best_trial_is_kept_as_trials_arrive(url: str, direction: str) -> None:
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="best", storage=storage, direction=direction)
+    theirs = optuna.load_study(study_name="best", storage=plain(url))
+    with pytest.raises(ValueError):
+        study.best_trial  # none complete yet: Optuna's error
+    for value in (3.0, -math.inf, 7.5, math.inf, 0.25):
+        theirs.add_trial(create_trial(value=value))
+        theirs.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values={0: -100.0}))
+        assert study.best_trial.number == theirs.best_trial.number and study.best_value == theirs.best_value
+    first = study.best_trial.number
+    study.add_trial(create_trial(value=study.best_value))  # a tie: the earlier trial stays the best
+    assert study.best_trial.number == first
 
 
 FINISH = """
@@ -152,6 +251,8 @@ def test_reports_write_only_running_trials_and_read_back_exactly(url: str) -> No
     for step, value in enumerate([1.25, math.nan, math.inf, -math.inf]):
         storage.set_trial_intermediate_value(trial._trial_id, step, value)
     storage.set_trial_intermediate_value(trial._trial_id, 0, 2.5)  # a repeated step overwrites (retry-safe)
+    if storage.engine.dialect.name == "postgresql":  # a report's asynchronous commit is its own: tells stay synchronous
+        assert storage._execute(lambda db: db.exec_driver_sql("SHOW synchronous_commit").scalar()) == "on"
     values = storage.get_trial(trial._trial_id).intermediate_values
     assert values[0] == 2.5 and math.isnan(values[1]) and values[2] == math.inf and values[3] == -math.inf
     assert plain(url).get_trial(trial._trial_id).intermediate_values.keys() == {0, 1, 2, 3}
@@ -207,15 +308,7 @@ def test_store_calls_of_the_cache_are_retried(url: str, monkeypatch: pytest.Monk
     assert len(lines) == 2 and all("retrying get_all_trials" in line for line in lines)
     assert "server closed the connection unexpectedly" in lines[0]
 
-    real_write, failures[:] = CachedStorage._write_report, [1]
-
-    def write_drops(self: CachedStorage, upsert):
-        if failures:
-            failures.pop()
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return real_write(self, upsert)
-
-    monkeypatch.setattr(CachedStorage, "_write_report", write_drops)
+    failures[:] = [1]  # a report is one statement too
     trial.report(1.0, 0)
     assert "retrying set_trial_intermediate_value" in lines[2]
     assert plain(url).get_trial(trial._trial_id).intermediate_values == {0: 1.0}

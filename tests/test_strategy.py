@@ -20,10 +20,12 @@ from optuna.samplers import CmaEsSampler, GridSampler, QMCSampler, RandomSampler
 from optuna.trial import TrialState, create_trial
 
 from tuner import space
+from tuner.attrs import set_trial_attrs
 from tuner.errors import TunerError
 from tuner.study_spec import StudySpec, parse_study_spec
 from tuner.strategy import (
-    CachedPercentilePruner, build_pruner, build_sampler, collapse_constraint, directions, mark_collapse,
+    COLLAPSE_CONSTRAINT, CachedPercentilePruner, build_pruner, build_sampler, collapse_constraint,
+    collapse_constraint_attrs, directions,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -228,22 +230,27 @@ def collapsed_share(use_constraint: bool) -> float:
         beta = space.sample(trial, spec)["kl.beta"]
         trial.set_user_attr("collapsed", beta > 4.0)
         if use_constraint:
-            mark_collapse(trial)
+            set_trial_attrs(trial, system=collapse_constraint_attrs(beta > 4.0))
         study.tell(trial, -beta)
         betas.append(beta)
     late = betas[30:]
     return sum(b > 4.0 for b in late) / len(late)
 
 
-def test_mark_collapse_stores_the_constraint_and_steers_tpe_away() -> None:
+def test_the_collapse_constraint_attr_is_what_set_constraint_writes_and_steers_tpe_away() -> None:
     spec = make_spec()
     study = optuna.create_study(sampler=build_sampler(spec))
-    trial = study.ask()
-    trial.set_user_attr("collapsed", True)
-    mark_collapse(trial)
-    study.tell(trial, 1.0)
-    assert study.trials[0].system_attrs == {"constraints:collapsed": 1.0}
-    assert study.trials[0].constraints == {"collapsed": 1.0}
+    for collapsed in (True, False, None):
+        ours, theirs = study.ask(), study.ask()
+        set_trial_attrs(ours, system=collapse_constraint_attrs(collapsed))
+        if collapsed is not None:
+            theirs.set_user_attr("collapsed", collapsed)
+        theirs.set_constraint(COLLAPSE_CONSTRAINT, collapse_constraint(theirs)[0])  # Optuna's own call
+        study.tell(ours, 1.0)
+        study.tell(theirs, 1.0)
+    trials = study.trials
+    assert [t.system_attrs for t in trials[::2]] == [t.system_attrs for t in trials[1::2]]
+    assert [t.constraints for t in trials[::2]] == [{"collapsed": 1.0}, {"collapsed": -1.0}, {"collapsed": 0.0}]
     # unconstrained TPE chases the (collapsed) best values; constrained TPE mostly stays feasible
     assert collapsed_share(False) > 0.8
     assert collapsed_share(True) < 0.6

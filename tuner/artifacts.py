@@ -1,24 +1,28 @@
-"""Trial images as Optuna artifacts: render them from a model, upload them, read them back.
+"""Trial images as Optuna artifacts: render them from a model, save them, read them back.
 
 Every complete trial gets a reconstruction grid (inputs over outputs) and a grid of prior samples;
-the trials that beat the study's best so far also get a latent traversal. The images go through
-:mod:`optuna.artifacts` into one file-system artifact store per study store, at
-``<artifacts root>/optuna`` (see :func:`artifacts_root`); the trial's system attrs hold each
-image's id, so the dashboard (``tuner dashboard``) shows them beside the trial and
-:func:`trial_images` reads them back for reports. Workers on many hosts share the root on shared
-disk (NFS, or an S3 bucket mounted as a file system).
+the trials that beat the study's best so far also get a latent traversal. The images go into one
+:mod:`optuna.artifacts` file-system artifact store per study store, at ``<artifacts root>/optuna``
+(see :func:`artifacts_root`); the trial's system attrs hold each image's id and name, as Optuna's
+``upload_artifact`` writes them (:func:`save_images`), so the dashboard (``tuner dashboard``)
+shows them beside the trial and :func:`trial_images` reads them back for reports. Workers on many
+hosts share the root on shared disk (NFS, or an S3 bucket mounted as a file system).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
-import tempfile
+import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, ArtifactMeta
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 from PIL import Image
@@ -40,9 +44,9 @@ __all__ = [
     "artifacts_root",
     "beats_best",
     "render_images",
+    "save_images",
     "trial_images",
     "traversal_dims",
-    "upload_images",
 ]
 
 IMAGE_NAMES = ("reconstructions.png", "samples.png", "traversal.png")
@@ -122,7 +126,7 @@ def _traversal(model: VAE, x: Tensor, image_shape: tuple[int, int, int]) -> Imag
     return image_grid(decoded.cpu(), image_shape, columns=len(values))
 
 
-# ---------------------------------------------------------------------------- upload / read
+# ------------------------------------------------------------------------------ save / read
 def beats_best(study: optuna.Study, values: list[float], feasible: bool = True) -> bool:
     """Whether a running trial with `values` becomes the study's best when told, as Optuna (and the
     dashboard's "Best Trial") sees it: a feasible (not collapsed) trial that beats every feasible
@@ -145,23 +149,27 @@ def beats_best(study: optuna.Study, values: list[float], feasible: bool = True) 
     return True
 
 
-def upload_images(
-    study: optuna.Study, trial: optuna.Trial | FrozenTrial, images: dict[str, Image.Image], store: ArtifactStore
-) -> None:
-    """One PNG artifact per image, named by its file name, attached to a running trial."""
-    storage = study._storage  # optuna's own upload reads it from there too (FrozenTrial has none)
-    with tempfile.TemporaryDirectory(prefix="tuner-images-") as tmp:
-        for name, image in images.items():
-            if Path(name).name != name or not name.endswith(".png"):
-                raise ValueError(f"image names are PNG file names such as 'samples.png', but got {name=}.")
-            path = Path(tmp) / name
-            image.save(path, format="PNG", compress_level=1)  # grids are small; zlib level 6 cost ~15 ms a trial
-            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, storage=storage,
-                            mimetype="image/png")
+def save_images(images: dict[str, Image.Image], store: ArtifactStore) -> dict[str, str]:
+    """Write each image to ``store`` as a PNG artifact named by its file name; return the trial
+    system attrs that attach them (what :func:`optuna.artifacts.upload_artifact` writes, one
+    ``artifacts:<id>`` key per image), for the caller to store with the trial's other attrs in one
+    transaction (:func:`tuner.attrs.set_trial_attrs`). The files go first: an attr never points at
+    an artifact that was not written."""
+    attrs = {}
+    for name, image in images.items():
+        if Path(name).name != name or not name.endswith(".png"):
+            raise ValueError(f"image names are PNG file names such as 'samples.png', but got {name=}.")
+        png = io.BytesIO()
+        image.save(png, format="PNG", compress_level=1)  # grids are small; zlib level 6 cost ~15 ms a trial
+        png.seek(0)
+        meta = ArtifactMeta(artifact_id=str(uuid.uuid4()), filename=name, mimetype="image/png", encoding=None)
+        store.write(meta.artifact_id, png)
+        attrs[ARTIFACTS_ATTR_PREFIX + meta.artifact_id] = json.dumps(asdict(meta))
+    return attrs
 
 
 def trial_images(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore) -> dict[str, bytes]:
-    """File name -> PNG bytes of a trial's uploaded images ({} if none, or none left in `store`)."""
+    """File name -> PNG bytes of a trial's saved images ({} if none, or none left in `store`)."""
     images: dict[str, bytes] = {}
     for meta in get_all_artifact_meta(trial, storage=study._storage):
         if meta.mimetype != "image/png":
@@ -169,6 +177,6 @@ def trial_images(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore) 
         try:
             with store.open_reader(meta.artifact_id) as reader:
                 images[meta.filename] = reader.read()
-        except ArtifactNotFound:  # its upload failed after the id was recorded (see artifact_error)
+        except ArtifactNotFound:  # removed from the store since (save_images writes the file first)
             continue
     return images

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["write_atomic"]
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` (str as UTF-8) to `path` atomically; OSError (nothing left behind) on failure."""
+def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:
+    """Write `data` (str as UTF-8; a callable writes to the open file itself, sparing a copy of
+    large data) to `path` atomically; OSError (nothing left behind) on failure."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints, rankings and reports are shared
         os.replace(tmp, path)
     except BaseException:

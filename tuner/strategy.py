@@ -6,8 +6,10 @@ NLL. Optuna's convention: a trial is feasible when every constraint value is <= 
 only TPE reads constraints; random, grid, qmc and cmaes ignore them (Optuna's GP and NSGA-II/III
 samplers would read them too, but are not offered). Optuna 5 deprecates the samplers'
 ``constraints_func`` (a FutureWarning; removal planned for 7.0) in favour of
-:meth:`optuna.Trial.set_constraint` on the running trial: :func:`mark_collapse` does that and is
-the way to use; ``build_sampler(constraints_func=...)`` still works while Optuna keeps it.
+:meth:`optuna.Trial.set_constraint` on the running trial. :func:`collapse_constraint_attrs` gives
+the system attr that call writes, so the worker stores it in the one transaction of the trial's
+final attrs (:func:`tuner.attrs.set_trial_attrs`); ``build_sampler(constraints_func=...)`` still
+works while Optuna keeps it.
 """
 
 from __future__ import annotations
@@ -28,15 +30,16 @@ from optuna.pruners import (
 )
 from optuna.samplers import BaseSampler, CmaEsSampler, GridSampler, QMCSampler, RandomSampler, TPESampler
 from optuna.study import Study, StudyDirection
-from optuna.trial import BaseTrial, FrozenTrial, Trial, TrialState
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+from optuna.trial import BaseTrial, FrozenTrial, TrialState
 
 from tuner import space
 from tuner.errors import TunerError
 from tuner.study_spec import PrunerSpec, StudySpec
 
 __all__ = [
-    "COLLAPSE_CONSTRAINT", "CachedPercentilePruner", "build_pruner", "build_sampler", "collapse_constraint", "directions",
-    "mark_collapse",
+    "COLLAPSE_CONSTRAINT", "CachedPercentilePruner", "build_pruner", "build_sampler", "collapse_constraint",
+    "collapse_constraint_attrs", "directions",
 ]
 
 COLLAPSE_CONSTRAINT = "collapsed"  # the constraint's key: system attr "constraints:collapsed"
@@ -191,13 +194,15 @@ def directions(spec: StudySpec) -> list[str]:
 def collapse_constraint(trial: BaseTrial) -> list[float]:
     """[1.0] for a collapsed trial (infeasible), [-1.0] for a healthy one, [0.0] when unknown
     (pruned or failed before the verdict: feasible, so it is judged by its values alone)."""
-    collapsed = trial.user_attrs.get("collapsed")
-    if collapsed is None:
-        return [0.0]
-    return [1.0] if collapsed else [-1.0]
+    return [_constraint_value(trial.user_attrs.get("collapsed"))]
 
 
-def mark_collapse(trial: Trial) -> None:
-    """Store the collapse constraint on a running trial (call after setting user attr
-    ``collapsed``, before ``study.tell``): Optuna 5's replacement for constraints_func."""
-    trial.set_constraint(COLLAPSE_CONSTRAINT, collapse_constraint(trial)[0])
+def collapse_constraint_attrs(collapsed: bool | None) -> dict[str, float]:
+    """The system attr ``trial.set_constraint(COLLAPSE_CONSTRAINT, ...)`` writes for a trial with
+    this ``collapsed`` verdict (Optuna 5's replacement for constraints_func), to be stored with the
+    trial's other final attrs before ``study.tell``."""
+    return {f"{_CONSTRAINTS_KEY}:{COLLAPSE_CONSTRAINT}": _constraint_value(collapsed)}
+
+
+def _constraint_value(collapsed: bool | None) -> float:
+    return 0.0 if collapsed is None else (1.0 if collapsed else -1.0)

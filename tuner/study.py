@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tuner import strategy
+from tuner.cached_storage import CachedStorage
 from tuner.data import load_array
 from tuner.errors import TunerError
 from tuner.study_spec import StudySpec, parse_study_spec
@@ -38,7 +40,8 @@ def _spec_json(spec: StudySpec) -> str:
 def _optuna_study(
     spec: StudySpec, storage: optuna.storages.BaseStorage, *, create: bool, worker: int = 0
 ) -> optuna.Study:
-    # collapse reaches the sampler as a constraint set on each trial before tell (strategy.mark_collapse)
+    # collapse reaches the sampler as a constraint stored on each trial before tell
+    # (strategy.collapse_constraint_attrs)
     sampler = strategy.build_sampler(spec, worker=worker)
     kwargs: dict[str, Any] = {"study_name": spec.study, "storage": storage, "sampler": sampler}
     if spec.objective != "multi":
@@ -141,10 +144,17 @@ _STATE_FIELD = {
 
 
 def study_counts(study: optuna.Study) -> StudyCounts:
+    """The study's trials per state (a worker asks before every trial: tuner's store counts them
+    without loading any trial)."""
+    storage = study._storage
+    if isinstance(storage, CachedStorage):
+        by_state = storage.count_trials(study._study_id)
+    else:
+        by_state = Counter(trial.state for trial in study.get_trials(deepcopy=False))
     counts = StudyCounts()
-    for trial in study.get_trials(deepcopy=False):
-        field = _STATE_FIELD[trial.state]
-        setattr(counts, field, getattr(counts, field) + 1)
+    for state, n in by_state.items():
+        field = _STATE_FIELD[state]
+        setattr(counts, field, getattr(counts, field) + n)
     return counts
 
 

@@ -8,7 +8,6 @@ A run folder reloads and reruns with no other input (STYLE rule 8):
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable
@@ -69,10 +68,9 @@ def _writable_dir(out_dir: Path) -> Path:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save, written atomically: a crash never leaves a torn checkpoint."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(path, buffer.getvalue())
+    """torch.save, written atomically: a crash never leaves a torn checkpoint. Straight into the
+    file: through a BytesIO it cost twice the CPU (a worker writes one per trial and epoch)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _sanity_batch(pop: Population, slot: int) -> None:

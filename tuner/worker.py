@@ -32,8 +32,8 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from tuner import __version__, gaps, metrics, space, strategy
-from tuner.artifacts import artifact_store, artifacts_root, beats_best, render_images, upload_images
-from tuner.attrs import set_user_attrs
+from tuner.artifacts import artifact_store, artifacts_root, beats_best, render_images, save_images
+from tuner.attrs import set_trial_attrs
 from tuner.budget_lock import budget_lock
 from tuner.data import Splits, load_splits
 from tuner.engine import EpochResult, Population, PopulationShape, latent_size
@@ -203,6 +203,8 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.summary = WorkerSummary()
         self._stop = threading.Event()
+        # a dead worker's trials are retried within grace + grace/3 s; the check is a query per worker
+        self._stale_check_s = max(_POLL_S * 5, self.spec.workers.grace_period / 3)
         self._deadline = started_at(self.study) + self.spec.budget.timeout if self.spec.budget.timeout else math.inf
 
     # ------------------------------------------------------------------------------ the loop
@@ -219,7 +221,7 @@ class Worker:
         self._checkpoints = _CheckpointWriter()
         with _Heartbeats(self.storage) as self._heartbeats:
             while True:
-                if time.monotonic() - last_stale_check > _POLL_S * 5:
+                if time.monotonic() - last_stale_check > self._stale_check_s:
                     fail_stale_trials(self.study)  # retries the trials of workers that died
                     last_stale_check = time.monotonic()
                 if not self._stop.is_set():
@@ -315,8 +317,8 @@ class Worker:
             self.summary.resumed += 1
         else:
             pop.assign(slot, config)
-        set_user_attrs(trial, {"seed": seed, "worker": self.worker_id, "device": str(self.device),
-                               "config": config.model_dump(mode="json")})
+        set_trial_attrs(trial, {"seed": seed, "worker": self.worker_id, "device": str(self.device),
+                                "config": config.model_dump(mode="json")})
         self.running[(key, slot)] = _Running(trial, config, key, slot, time.time())
         self.log(f"trial {trial.number} started" + (f" (resumed from trial {resumed}, epoch {pop.state[slot].epoch})"
                                                      if resumed is not None else ""))
@@ -373,27 +375,33 @@ class Worker:
         if not all(math.isfinite(v) for v in values):
             self._end(run, pop, TrialState.PRUNED, reason=f"non-finite objective {values}")
             return
-        # before tell: a finished trial takes no artifacts
-        self._upload_images(run, model, splits, values, feasible=not attrs["collapsed"])
-        self._end(run, pop, TrialState.COMPLETE, values=values, attrs=attrs)
+        # the images' and the collapse constraint's system attrs go with the user attrs, before tell
+        system = self._save_images(run, model, splits, values, attrs)
+        system.update(strategy.collapse_constraint_attrs(attrs["collapsed"]))  # the sampler avoids collapse
+        self._end(run, pop, TrialState.COMPLETE, values=values, attrs=attrs, system=system)
 
-    def _upload_images(self, run: _Running, model: VAE, splits: Splits, values: list[float], feasible: bool) -> None:
-        """Reconstructions and samples on the val split, plus a traversal for a new best, as artifacts.
+    def _save_images(
+        self, run: _Running, model: VAE, splits: Splits, values: list[float], attrs: dict[str, Any]
+    ) -> dict[str, str]:
+        """Reconstructions and samples on the val split, plus a traversal for a new best, as
+        artifacts: returns the system attrs that attach them to the trial.
 
         An image never costs a trained trial: any error (a full disk, an unreachable store) is kept
-        in the user attr ``artifact_error`` and logged, and the trial completes all the same.
+        in the user attr ``artifact_error`` (added to ``attrs``) and logged, and the trial completes
+        all the same.
         """
         try:
             images = render_images(model, splits.val, splits.image_shape, run.config.seed,
-                                   traversal=beats_best(self.study, values, feasible))
-            upload_images(self.study, run.trial, images, self.artifact_store)
+                                   traversal=beats_best(self.study, values, feasible=not attrs["collapsed"]))
+            return save_images(images, self.artifact_store)
         except Exception as err:  # noqa: BLE001 - stores are plug-ins (file system, S3...) with their own errors
-            run.trial.set_user_attr("artifact_error", f"{type(err).__name__}: {err}")
+            attrs["artifact_error"] = f"{type(err).__name__}: {err}"
             self.log(f"trial {run.trial.number}: images not stored ({type(err).__name__}: {err})")
+            return {}
 
     def _end(
         self, run: _Running, pop: Population, state: TrialState, *, values: list[float] | None = None,
-        reason: str | None = None, attrs: dict[str, Any] | None = None,
+        reason: str | None = None, attrs: dict[str, Any] | None = None, system: dict[str, Any] | None = None,
     ) -> None:
         trial, elapsed = run.trial, time.time() - run.started
         attrs = dict(attrs or {})
@@ -404,10 +412,8 @@ class Worker:
             attrs["prune_reason"] = reason
         if self.spec.objective == "multi":  # no intermediate values there: keep the curve here
             attrs["val_neg_elbo_curve"] = [row["val_neg_elbo"] for row in pop.state[run.slot].history]
-        set_user_attrs(trial, attrs)  # one transaction, not one per attr
+        set_trial_attrs(trial, attrs, system)  # one transaction, not one per attr
         self._checkpoints.flush()  # the trial's final checkpoint is on disk before it is told
-        if state == TrialState.COMPLETE:
-            strategy.mark_collapse(trial)  # the sampler learns to avoid collapse (a constraint)
         self.study.tell(trial, values, state=state)
         self._release(run, pop)
         if state == TrialState.COMPLETE:
