@@ -243,7 +243,8 @@ def test_a_trial_failed_as_stale_elsewhere_is_let_go_and_its_retry_resumes(tmp_p
     assert workers[0].proc.returncode == 0 and "Traceback" not in text, text[-3000:]
     assert f"trial {victim.number} was failed as stale by another worker" in text
     ts = trials(url, "stale")
-    assert [t.number for t in by_state(ts, TrialState.FAIL)] == [victim.number] and len(ts) == 2
+    assert [t.number for t in by_state(ts, TrialState.FAIL)] == [victim.number] and len(ts) == 2, (
+        text + "\n".join(f"{t.number} {t.state} {t.system_attrs}" for t in ts))
     retry = by_state(ts, TrialState.COMPLETE)
     assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == victim.number
     assert f"(resumed from trial {victim.number}, epoch" in text

@@ -205,6 +205,7 @@ class Worker:
         self._stop = threading.Event()
         # a dead worker's trials are retried within grace + grace/3 s; the check is a query per worker
         self._stale_check_s = max(_POLL_S * 5, self.spec.workers.grace_period / 3)
+        self._retry_expected_until = 0.0  # (monotonic) a trial of ours failed as stale elsewhere: its retry comes
         self._deadline = started_at(self.study) + self.spec.budget.timeout if self.spec.budget.timeout else math.inf
 
     # ------------------------------------------------------------------------------ the loop
@@ -246,7 +247,12 @@ class Worker:
         if time.time() > self._deadline:
             return False
         counts = study_counts(self.study)
-        return counts.waiting > 0 or counts.finished + counts.running < self.spec.budget.trials
+        if counts.waiting > 0:
+            self._retry_expected_until = 0.0
+            return True
+        if time.monotonic() < self._retry_expected_until:
+            return False  # a retry of ours is on its way (see _epoch); the loop polls again
+        return counts.finished + counts.running < self.spec.budget.trials
 
     def _fill(self) -> None:
         """Refill free slots with new (or retried) trials while the budget allows."""
@@ -335,8 +341,11 @@ class Worker:
                     self._after_epoch(run, pop, r)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # another worker failed it as stale (our beats missed the grace period, e.g. in a
-                    # long store outage) and queued a retry that resumes from its checkpoint: let go
+                    # long store outage) and queues a retry that resumes from its checkpoint: let go,
+                    # and take that retry rather than a new trial (the failing worker writes the FAIL
+                    # and the retry one after the other: a new trial asked in between overshoots the budget)
                     self._release(run, pop)
+                    self._retry_expected_until = time.monotonic() + self.spec.workers.grace_period
                     self.log(f"trial {run.trial.number} was failed as stale by another worker; its retry "
                              "resumes from the checkpoint")
 
