@@ -170,8 +170,7 @@ def worker(
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     s = w.run()
-    typer.echo(f"worker done: {s.complete} complete, {s.pruned} pruned, {s.handed_back} handed back, "
-               f"{s.resumed} resumed, {s.model_epochs} model-epochs")
+    typer.echo(f"worker done: {s}")
 
 
 @app.command()

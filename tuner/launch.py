@@ -28,7 +28,7 @@ from tuner.study_spec import StudySpec
 from tuner.study import create_or_resume, study_counts
 from tuner.artifacts import artifacts_root
 
-__all__ = ["STOP_WAIT_S", "LaunchResult", "launch", "watch_progress"]
+__all__ = ["STOP_WAIT_S", "LaunchResult", "launch", "prepare", "watch_progress"]
 
 STOP_WAIT_S = 120  # how long workers get to finish their epoch and hand trials back
 
@@ -86,6 +86,18 @@ def _refresh(live: Live, study: optuna.Study, spec: StudySpec, started: float, f
             raise
 
 
+def prepare(spec: StudySpec, url: str, artifacts: str | Path | None) -> tuple[LaunchResult, Path | None]:
+    """What every launcher does first: create or resume the study, then make the workers' log
+    folder; None for the folder when the budget is already met (nothing to launch)."""
+    study = create_or_resume(spec, url)
+    result = LaunchResult(study=study)
+    if study_counts(study).finished >= spec.budget.trials:
+        return result, None
+    log_dir = artifacts_root(url, artifacts) / spec.study / "workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return result, log_dir
+
+
 def _worker_env(storage_url: str, threads: int, device: str | None) -> dict[str, str]:
     env = dict(os.environ, TUNER_STORAGE=storage_url, TUNER_THREADS=str(threads), PYTHONUNBUFFERED="1")
     if device is not None:
@@ -100,13 +112,11 @@ def launch(
     """Create or resume the study, run `workers` local worker processes until the budget is met."""
     console = console or Console(stderr=True)
     url = storage_url or spec.storage
-    study = create_or_resume(spec, url)
-    result = LaunchResult(study=study)
-    if study_counts(study).finished >= spec.budget.trials:
+    result, log_dir = prepare(spec, url, artifacts)
+    if log_dir is None:
         return result
+    study = result.study
     n = workers or (len(devices) if devices else spec.workers.count)
-    log_dir = artifacts_root(url, artifacts) / spec.study / "workers"
-    log_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // n) if not devices else 1
     procs = []
     for i in range(n):

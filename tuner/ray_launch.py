@@ -40,9 +40,8 @@ from rich.console import Console
 
 from tuner.artifacts import artifacts_root
 from tuner.errors import TunerError
-from tuner.launch import STOP_WAIT_S, LaunchResult, watch_progress
+from tuner.launch import STOP_WAIT_S, LaunchResult, prepare, watch_progress
 from tuner.storage import mask_url
-from tuner.study import create_or_resume, study_counts
 from tuner.study_spec import StudySpec
 
 if TYPE_CHECKING:
@@ -118,8 +117,7 @@ class _WorkerActor:
         except BaseException:
             self._log(traceback.format_exc())
             raise
-        self._log(f"worker done: {s.complete} complete, {s.pruned} pruned, {s.handed_back} handed back, "
-                  f"{s.resumed} resumed, {s.model_epochs} model-epochs")
+        self._log(f"worker done: {s}")
         return s
 
     def request_stop(self) -> None:
@@ -180,14 +178,11 @@ def launch_ray(
     ray = _import_ray()
     console = console or Console(stderr=True)
     url = storage_url or spec.storage
-    study = create_or_resume(spec, url)
-    result = LaunchResult(study=study)
-    if study_counts(study).finished >= spec.budget.trials:
+    result, log_dir = prepare(spec, url, artifacts)
+    if log_dir is None:
         return result
+    study, root = result.study, artifacts_root(url, artifacts)
     n = workers or spec.workers.count
-    root = artifacts_root(url, artifacts)
-    log_dir = root / spec.study / "workers"
-    log_dir.mkdir(parents=True, exist_ok=True)
     _connect(ray, address)
     try:
         node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)

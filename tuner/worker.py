@@ -171,6 +171,11 @@ class WorkerSummary:
     resumed: int = 0
     model_epochs: int = 0
 
+    def __str__(self) -> str:
+        """The worker's last log line, whichever launcher ran it (tests read its model-epochs)."""
+        return (f"{self.complete} complete, {self.pruned} pruned, {self.handed_back} handed back, "
+                f"{self.resumed} resumed, {self.model_epochs} model-epochs")
+
 
 class Worker:
     """Joins a study by storage URL and name and trains its trials until the budget is met."""
