@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ import pytest
 
 from tuner.data import load_array, load_splits
 from tuner.spec import TrainConfig, parse_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the throw-away stores
+from stores import postgres_url  # noqa: E402  (benchmarks/stores.py)
 
 # A suite started in the background by a non-interactive shell (`cmd &` in a script) inherits
 # SIGINT ignored, and so would every process it spawns: the Ctrl-C tests (launcher, dashboard)
@@ -61,9 +65,6 @@ def splits_for():
     return make
 
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
-
-
 @pytest.fixture
 def pg_url():
     """A fresh PostgreSQL database (unique name) as a tuner storage URL; dropped afterwards.
@@ -71,21 +72,5 @@ def pg_url():
     Needs the server at 127.0.0.1:5432 (trust auth, user postgres): if it is down the test errors,
     it is not skipped (CI starts the server).
     """
-    import uuid
-
-    import psycopg
-    from psycopg import sql
-
-    name = f"tuner_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with postgres_url("tuner_test_") as url:
+        yield url

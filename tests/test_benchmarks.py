@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg
+from stores import bench_databases  # benchmarks/stores.py (tests/conftest.py puts it on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 
 
 def run_script(name: str, *args: str, timeout: float = 120) -> str:
@@ -33,11 +32,6 @@ def table(out: str, header: str) -> dict[str, list[str]]:
         first, *rest = line.split()
         rows[first] = rest
     return rows
-
-
-def bench_databases() -> set[str]:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        return {r[0] for r in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'tuner_bench_%'")}
 
 
 def test_overhead_prints_tuner_and_bare_walls_for_both_stores() -> None:

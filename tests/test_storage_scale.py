@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg
+from stores import bench_databases  # benchmarks/stores.py (tests/conftest.py puts it on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 
 
 def rows(out: str, header: str) -> list[list[str]]:
@@ -24,11 +23,6 @@ def rows(out: str, header: str) -> list[list[str]]:
             break
         found.append(line.split())
     return found
-
-
-def bench_databases() -> set[str]:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        return {r[0] for r in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'tuner_bench_%'")}
 
 
 def test_quick_mode_prints_the_scale_and_workers_tables_with_zero_errors() -> None:
