@@ -23,9 +23,11 @@ import yaml
 from optuna.trial import TrialState
 
 from test_worker import TUNER, by_state, run_cli, study_yaml, trials, wait_for
+from tuner.budget_lock import budget_lock
 from tuner.storage import open_storage
 from tuner.study import create_or_resume
 from tuner.study_spec import parse_study_spec
+from tuner.worker import Worker
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -84,7 +86,8 @@ def test_kill_9_mid_trial_loses_nothing_and_resumes_from_the_checkpoint(
     tmp_path: Path, small_npz: Path, pg_url: str
 ) -> None:
     url = pg_url
-    spec = study_yaml(tmp_path, small_npz, "kill", url, budget={"trials": 3, "epochs": 8})
+    epochs = 30  # enough that the kill lands mid-trial (a trial ending after it is the next test's case)
+    spec = study_yaml(tmp_path, small_npz, "kill", url, budget={"trials": 3, "epochs": epochs})
     create_study(spec)
     env = dict(os.environ, TUNER_STORAGE=url, PYTHONUNBUFFERED="1")
     art = str(tmp_path / "art")
@@ -116,12 +119,12 @@ def test_kill_9_mid_trial_loses_nothing_and_resumes_from_the_checkpoint(
                       survivor.stdout)
     assert found, survivor.stdout
     resumed_at = int(found.group(1))
-    assert 3 <= resumed_at < 8
+    assert 3 <= resumed_at < epochs
     # ... kept the epochs reported before the kill, and trained only the rest: the survivor's
-    # model-epochs are its fresh trials' 8 each plus the retry's remaining 8 - resumed_at
-    assert sorted(retry[0].intermediate_values) == list(range(1, 9))
+    # model-epochs are its fresh trials' `epochs` each plus the retry's remaining epochs - resumed_at
+    assert sorted(retry[0].intermediate_values) == list(range(1, epochs + 1))
     fresh = 3 - done_before - 1
-    assert f"{8 * fresh + 8 - resumed_at} model-epochs" in survivor.stdout, survivor.stdout
+    assert f"{epochs * fresh + epochs - resumed_at} model-epochs" in survivor.stdout, survivor.stdout
     assert done_counts(survivor.stdout) == 3 - done_before
 
 
@@ -230,12 +233,14 @@ def test_a_trial_failed_as_stale_elsewhere_is_let_go_and_its_retry_resumes(tmp_p
     workers = start_workers(1, "stale", url, tmp_path)
     try:
         wait_for(lambda: any(len(t.intermediate_values) >= 2 for t in trials(url, "stale")), 120, "2 epochs")
-        # what another worker's fail_stale_trials does to a trial whose beats stopped: FAIL + a WAITING retry
+        # what another worker's stale-trial check does to a trial whose beats stopped: FAIL + a
+        # WAITING retry, under the study's budget lock
         storage = open_storage(url)
         study = optuna.load_study(study_name="stale", storage=storage)
         victim = by_state(study.get_trials(), TrialState.RUNNING)[0]
-        assert storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
-        storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(victim._trial_id))
+        with budget_lock(storage, "stale"):
+            assert storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
+            storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(victim._trial_id))
         finish_workers(workers, timeout=240)
     finally:
         finish_workers(workers, timeout=0)
@@ -249,6 +254,39 @@ def test_a_trial_failed_as_stale_elsewhere_is_let_go_and_its_retry_resumes(tmp_p
     assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == victim.number
     assert f"(resumed from trial {victim.number}, epoch" in text
     assert sorted(retry[0].intermediate_values) == list(range(1, 61))
+
+
+def test_a_trial_killed_after_its_last_epoch_is_completed_by_its_retry_without_training(
+    tmp_path: Path, small_npz: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kill lands after the last epoch's checkpoint, before tell: the retry loads a finished
+    slot, which has no epoch left to run; the worker must complete it, not wait on it."""
+    url = f"sqlite:///{tmp_path}/done.db"
+    create_study(study_yaml(tmp_path, small_npz, "done", url, budget={"trials": 1, "epochs": 2}))
+
+    class Killed(Exception):
+        pass
+
+    def killed(self: Worker, run, pop) -> None:
+        self._checkpoints.flush()  # the last epoch's checkpoint is on disk, as after a real kill
+        raise Killed
+
+    monkeypatch.setattr(Worker, "_complete", killed)
+    with pytest.raises(Killed):
+        Worker(url, "done", slots=1, device="cpu", artifacts=tmp_path / "art", log=lambda line: None).run()
+    monkeypatch.undo()
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="done", storage=storage)
+    (victim,) = study.get_trials()
+    with budget_lock(storage, "done"):  # what the stale-trial check of another worker does
+        assert storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
+        storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(victim._trial_id))
+    log: list[str] = []
+    summary = Worker(url, "done", slots=1, device="cpu", artifacts=tmp_path / "art", log=log.append).run()
+    assert summary.complete == 1 and summary.resumed == 1 and summary.model_epochs == 0, log
+    (retry,) = by_state(optuna.load_study(study_name="done", storage=url).get_trials(), TrialState.COMPLETE)
+    assert retry.system_attrs["failed_trial"] == victim.number and sorted(retry.intermediate_values) == [1, 2]
+    assert retry.user_attrs["epochs"] == 2 and retry.values[0] == pytest.approx(retry.user_attrs["iwae_nll"])
 
 
 # ---------------------------------------------------------------- 3. SQLite, four workers

@@ -13,7 +13,10 @@ surplus trials afterwards, so the check and the ask are serialized per study ins
   cannot be used: the ask's write would wait on it.
 * Other stores: no lock (the old, racy behaviour).
 
-The lock covers only the count and the ask (a few ms), never training.
+The same lock covers failing a trial and enqueueing its retry (a stale-trial check, a worker
+handing its trials back): two transactions between which a counting worker would see neither the
+trial running nor its retry waiting, and ask a trial too many. The lock covers only these few-ms
+steps, never training.
 """
 
 from __future__ import annotations

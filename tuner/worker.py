@@ -210,7 +210,6 @@ class Worker:
         self._stop = threading.Event()
         # a dead worker's trials are retried within grace + grace/3 s; the check is a query per worker
         self._stale_check_s = max(_POLL_S * 5, self.spec.workers.grace_period / 3)
-        self._retry_expected_until = 0.0  # (monotonic) a trial of ours failed as stale elsewhere: its retry comes
         self._deadline = started_at(self.study) + self.spec.budget.timeout if self.spec.budget.timeout else math.inf
 
     # ------------------------------------------------------------------------------ the loop
@@ -228,7 +227,10 @@ class Worker:
         with _Heartbeats(self.storage) as self._heartbeats:
             while True:
                 if time.monotonic() - last_stale_check > self._stale_check_s:
-                    fail_stale_trials(self.study)  # retries the trials of workers that died
+                    # retries the trials of workers that died; FAIL and its retry's enqueue are two
+                    # transactions: under the budget lock no worker counts the study in between
+                    with budget_lock(self.storage, self.study.study_name):
+                        fail_stale_trials(self.study)
                     last_stale_check = time.monotonic()
                 if not self._stop.is_set():
                     self._fill()
@@ -252,12 +254,7 @@ class Worker:
         if time.time() > self._deadline:
             return False
         counts = study_counts(self.study)
-        if counts.waiting > 0:
-            self._retry_expected_until = 0.0
-            return True
-        if time.monotonic() < self._retry_expected_until:
-            return False  # a retry of ours is on its way (see _epoch); the loop polls again
-        return counts.finished + counts.running < self.spec.budget.trials
+        return counts.waiting > 0 or counts.finished + counts.running < self.spec.budget.trials
 
     def _fill(self) -> None:
         """Refill free slots with new (or retried) trials while the budget allows."""
@@ -330,9 +327,15 @@ class Worker:
             pop.assign(slot, config)
         set_trial_attrs(trial, {"seed": seed, "worker": self.worker_id, "device": str(self.device),
                                 "config": config.model_dump(mode="json")})
-        self.running[(key, slot)] = _Running(trial, config, key, slot, time.time())
+        run = self.running[(key, slot)] = _Running(trial, config, key, slot, time.time())
         self.log(f"trial {trial.number} started" + (f" (resumed from trial {resumed}, epoch {pop.state[slot].epoch})"
                                                      if resumed is not None else ""))
+        # killed after its last epoch's checkpoint, before it was told: no epoch is left to run,
+        # only its ending (the loop trains running slots only, so it would wait on it forever)
+        if pop.state[slot].status == "finished":
+            self._complete(run, pop)
+        elif pop.state[slot].status == "stopped":
+            self._end(run, pop, TrialState.PRUNED, reason=pop.state[slot].reason)
 
     def _epoch(self) -> None:
         """One epoch of every population with running trials; report, prune, finish, checkpoint."""
@@ -346,11 +349,8 @@ class Worker:
                     self._after_epoch(run, pop, r)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # another worker failed it as stale (our beats missed the grace period, e.g. in a
-                    # long store outage) and queues a retry that resumes from its checkpoint: let go,
-                    # and take that retry rather than a new trial (the failing worker writes the FAIL
-                    # and the retry one after the other: a new trial asked in between overshoots the budget)
+                    # long store outage) and queued a retry that resumes from its checkpoint: let go
                     self._release(run, pop)
-                    self._retry_expected_until = time.monotonic() + self.spec.workers.grace_period
                     self.log(f"trial {run.trial.number} was failed as stale by another worker; its retry "
                              "resumes from the checkpoint")
 
@@ -453,9 +453,10 @@ class Worker:
                 self._checkpoints.put(pop.slot_checkpoint(run.slot), path)
                 self._checkpoints.flush()
             run.trial.set_user_attr("handed_back", f"worker {self.worker_id} stopped at epoch {pop.state[run.slot].epoch}")
-            frozen = self.study.tell(run.trial, state=TrialState.FAIL)
-            if retry is not None:
-                retry(self.study, frozen)
+            with budget_lock(self.storage, self.study.study_name):  # FAIL and its retry, counted together
+                frozen = self.study.tell(run.trial, state=TrialState.FAIL)
+                if retry is not None:
+                    retry(self.study, frozen)
             self._release(run, pop)
             self.summary.handed_back += 1
             self.log(f"trial {run.trial.number} handed back at epoch {pop.state[run.slot].epoch}")
