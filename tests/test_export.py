@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from test_ranking import HEALTHY_A, HEALTHY_B, STALLED, Built, build_study, cli
-from test_worker import TUNER, run_cli
+from test_worker import TUNER, checkpoint_file, run_cli
 from tuner.export import backup_study, export_top
 from tuner.ranking import rank_study
 from tuner.spec import load_config, parse_config
@@ -54,7 +54,7 @@ def test_export_writes_configs_checkpoints_and_ranking(real: Built, exported: Pa
         config = load_config(exported / f"trial-{n}.yaml")  # what `tuner train` reads
         assert config == parse_config(trials[n].user_attrs["config"])
         assert config.seed == trials[n].user_attrs["seed"] and config.data.split_seed == 0
-        stored = real.art / real.name / str(n) / "checkpoint.pt"
+        stored = checkpoint_file(real.art, real.url, real.name, n)
         assert (exported / f"trial-{n}-checkpoint.pt").read_bytes() == stored.read_bytes()
     ranking = pd.read_csv(exported / "ranking.csv")
     assert list(ranking["trial"]) == list(frame["trial"]) and list(ranking["rank"]) == [1, 2]

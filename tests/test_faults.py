@@ -23,6 +23,7 @@ import yaml
 from optuna.trial import TrialState
 
 from test_worker import TUNER, by_state, run_cli, study_yaml, trials, wait_for
+from tuner.bookkeeper import Bookkeeper
 from tuner.budget_lock import budget_lock
 from tuner.storage import open_storage
 from tuner.study import create_or_resume
@@ -93,8 +94,8 @@ def test_kill_9_mid_trial_loses_nothing_and_resumes_from_the_checkpoint(
     art = str(tmp_path / "art")
     victim = subprocess.Popen([*TUNER, "worker", "--study", "kill", "--device", "cpu", "--artifacts", art],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # kill it once its first trial has checkpointed a few epochs
-    wait_for(lambda: any(len(t.intermediate_values) >= 3 for t in trials(url, "kill")), 120, "3 epochs")
+    # kill it once its first trial has checkpointed (every 5 epochs by default: a kill loses at most that)
+    wait_for(lambda: any((tmp_path / "art").rglob("checkpoint.pt")), 120, "a checkpoint")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     at_kill = trials(url, "kill")
@@ -114,12 +115,12 @@ def test_kill_9_mid_trial_loses_nothing_and_resumes_from_the_checkpoint(
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE  # exactly one retry
     assert retry[0].system_attrs["retry_history"] == [killed_number]
     assert retry[0].params == killed[0].params
-    # resumed, not restarted: it loaded the killed trial's checkpoint at epoch >= 3 ...
+    # resumed, not restarted: it loaded the killed trial's checkpoint at epoch >= 5 (the cadence) ...
     found = re.search(rf"trial {retry[0].number} started \(resumed from trial {killed_number}, epoch (\d+)\)",
                       survivor.stdout)
     assert found, survivor.stdout
     resumed_at = int(found.group(1))
-    assert 3 <= resumed_at < epochs
+    assert 5 <= resumed_at < epochs and resumed_at % 5 == 0
     # ... kept the epochs reported before the kill, and trained only the rest: the survivor's
     # model-epochs are its fresh trials' `epochs` each plus the retry's remaining epochs - resumed_at
     assert sorted(retry[0].intermediate_values) == list(range(1, epochs + 1))
@@ -267,11 +268,14 @@ def test_a_trial_killed_after_its_last_epoch_is_completed_by_its_retry_without_t
     class Killed(Exception):
         pass
 
-    def killed(self: Worker, run, pop) -> None:
-        self._checkpoints.flush()  # the last epoch's checkpoint is on disk, as after a real kill
-        raise Killed
+    real_tell = Bookkeeper._tell
 
-    monkeypatch.setattr(Worker, "_complete", killed)
+    def killed(self: Bookkeeper, run, state, **kwargs) -> None:
+        if state == TrialState.COMPLETE:  # the final checkpoint is on disk by now, as after a real kill
+            raise Killed
+        real_tell(self, run, state, **kwargs)
+
+    monkeypatch.setattr(Bookkeeper, "_tell", killed)
     with pytest.raises(Killed):
         Worker(url, "done", slots=1, device="cpu", artifacts=tmp_path / "art", log=lambda line: None).run()
     monkeypatch.undo()

@@ -18,7 +18,7 @@ import yaml
 from optuna.trial import TrialState
 
 from test_ranking import cli
-from test_worker import study_yaml
+from test_worker import checkpoint_file, study_yaml
 from tuner import gaps, metrics
 from tuner.artifacts import artifact_store
 from tuner.data import Splits, load_splits
@@ -200,7 +200,7 @@ def test_worker_stores_the_gaps_and_rank_and_report_show_them(
     assert "amortization_gap" not in off.user_attrs and "gap_examples" not in off.user_attrs  # 0 = off
 
     # the same model the metrics used (best weights from the trial's checkpoint) gives the same gaps
-    ckpt = torch.load(tmp_path / "art" / name / "0" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(checkpoint_file(tmp_path / "art", url, name, 0), map_location="cpu", weights_only=True)
     config = parse_config(attrs["config"])
     pop = Population.for_configs([config], load_splits(config.data, config.optim.batch_size), "cpu")
     pop.load_slot_checkpoint(0, ckpt)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from tuner.errors import TunerError
-from tuner.images import image_grid, reconstruction_grid, save_grid
+from tuner.images import ImagesUnavailable, image_grid, reconstruction_grid, save_grid
 
 
 def test_saved_grid_reloads_with_size_mode_and_pixels(tmp_path):
@@ -121,3 +123,15 @@ def test_bad_shapes_raise_tuner_error_naming_the_value():
         reconstruction_grid(np.ones((2, 4)), np.ones((3, 4)), (1, 2, 2))
     with pytest.raises(TunerError, match="columns=0"):
         image_grid(np.ones((2, 4)), (1, 2, 2), columns=0)
+
+
+def test_without_pillow_drawing_raises_one_named_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now fails as on a host without Pillow
+    for draw in (lambda: image_grid(np.ones((2, 4)), (1, 2, 2)),
+                 lambda: reconstruction_grid(np.ones((2, 4)), np.ones((2, 4)), (1, 2, 2)),
+                 lambda: save_grid(tmp_path / "grid.png", np.ones((2, 4)), (1, 2, 2))):
+        with pytest.raises(ImagesUnavailable) as info:
+            draw()
+        assert str(info.value) == "Pillow is not installed on this host, so no image can be drawn; pip install pillow"
+        assert isinstance(info.value, TunerError)  # the CLI prints it as one line, exit 2
+    assert not (tmp_path / "grid.png").exists()

@@ -230,3 +230,79 @@ def test_load_slot_state_rejects_a_mismatched_state():
     wide = StackedOptimizer([torch.nn.Parameter(torch.zeros(S, 4))], "adam", slots=S)
     with pytest.raises(ValueError, match="shape"):
         wide.load_slot_state(0, adam.slot_state(0))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's import
+class TestCompiledUpdate:
+    """The torch.compile'd update (CUDA's default path), compiled here by inductor's CPU backend:
+    it must agree with torch.optim on each slot alone and with the vectorized path, and leave
+    inactive slots bit-identical."""
+
+    @pytest.fixture(autouse=True)
+    def impl(self):  # replaces the module's fused/vectorized parametrization: these tests pick paths
+        yield "compiled"
+
+    @pytest.mark.slow  # inductor compiles C++ on first use: ~18 s for the first kind, ~4 s each after
+    @pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+    def test_matches_torch_and_the_vectorized_path(self, kind):
+        compiled, vectorized = Setup(kind, fused=False), Setup(kind, fused=False)
+        compiled.opt.update = "compiled"
+        g = torch.Generator().manual_seed(1)
+        for t in range(20):
+            lr = torch.tensor(LRS) * (1.0 + 0.05 * t)
+            active = torch.tensor([True, True, t % 3 != 0, t % 2 == 0])
+            grads = _grads(g)
+            for grad in grads:  # an inactive slot's gradient may hold anything
+                grad[~active] = float("nan")
+            params = [p.detach().clone() for p in compiled.params]
+            state = {k: [b.clone() for b in v] for k, v in compiled.opt.state.items()}
+            compiled.step(grads, lr, active)
+            vectorized.step(grads, lr, active)
+            for p, before in zip(compiled.params, params):
+                assert torch.equal(p[~active], before[~active])
+            for name, bufs in compiled.opt.state.items():
+                for buf, before in zip(bufs, state[name]):
+                    assert torch.equal(buf[~active], before[~active])
+        assert compiled.opt.update == "compiled"  # compiled and ran: no fallback
+        assert compiled.opt.steps.tolist() == [20.0, 20.0, 13.0, 10.0]
+        compiled.assert_matches()
+        for p, q in zip(compiled.params, vectorized.params):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+    def test_a_failure_warns_once_and_each_parameter_is_updated_once(self, monkeypatch):
+        from tuner import optim
+
+        calls = []
+
+        def fails_on_the_second_parameter(*args, **kwargs):
+            calls.append(args[0].shape)
+            if len(calls) == 2:
+                raise RuntimeError("no C++ compiler\nsecond line")
+            return optim._update(*args, **kwargs)
+
+        monkeypatch.setattr(optim, "_compiled_update", fails_on_the_second_parameter)
+        setup = Setup("adamw", fused=False)
+        setup.opt.update = "compiled"
+        g = torch.Generator().manual_seed(2)
+        with pytest.warns(RuntimeWarning) as record:
+            for _ in range(3):
+                setup.step(_grads(g), torch.tensor(LRS), torch.ones(S, dtype=torch.bool))
+        messages = [str(w.message) for w in record if "compiled" in str(w.message)]
+        assert messages == [
+            "StackedOptimizer: the compiled adamw update failed (RuntimeError: no C++ compiler); "
+            "using the vectorized update from now on"
+        ]
+        assert setup.opt.update == "vectorized" and len(calls) == 2
+        setup.assert_matches()  # the first parameter took the compiled step, the second the vectorized one
+
+    def test_update_modes(self):
+        p = [torch.nn.Parameter(torch.zeros(S, 3))]
+        assert StackedOptimizer(p, "adam", slots=S).update == "per_slot"  # auto on a CPU
+        assert StackedOptimizer(p, "adam", slots=S, update="compiled").update == "compiled"
+        assert StackedOptimizer(p, "adam", slots=S, fused=False).update == "vectorized"
+        opt = StackedOptimizer(p, "adam", slots=S, update="vectorized")
+        assert not opt.fused
+        opt.fused = True
+        assert opt.update == "per_slot"
+        with pytest.raises(ValueError, match="update must be one of .* but got update='fast'"):
+            StackedOptimizer(p, "adam", slots=S, update="fast")

@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from test_worker import by_state, run_cli, study_yaml, trials
+from test_worker import by_state, checkpoint_file, run_cli, study_yaml, trials
 from tuner.cli import app
 from tuner.errors import TunerError
 from tuner.ray_launch import INSTALL_HINT, worker_resources
@@ -175,4 +175,4 @@ def test_ctrl_c_hands_the_running_trials_back(ray_address: str, tmp_path: Path, 
     retries = by_state(ts, TrialState.WAITING)  # re-enqueued copies, resumed from the checkpoints by the next run
     assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(t.number for t in handed)
     for t in handed:
-        assert (tmp_path / "art" / "stop" / str(t.number) / "checkpoint.pt").is_file()
+        assert checkpoint_file(tmp_path / "art", url, "stop", t.number).is_file()

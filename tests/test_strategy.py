@@ -10,7 +10,6 @@ import optuna
 import pytest
 from optuna.pruners import (
     HyperbandPruner,
-    MedianPruner,
     NopPruner,
     PatientPruner,
     PercentilePruner,
@@ -25,7 +24,7 @@ from tuner.errors import TunerError
 from tuner.study_spec import StudySpec, parse_study_spec
 from tuner.strategy import (
     COLLAPSE_CONSTRAINT, CachedPercentilePruner, build_pruner, build_sampler, collapse_constraint,
-    collapse_constraint_attrs, directions,
+    collapse_constraint_attrs, directions, rung_epochs,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -254,3 +253,25 @@ def test_the_collapse_constraint_attr_is_what_set_constraint_writes_and_steers_t
     # unconstrained TPE chases the (collapsed) best values; constrained TPE mostly stays feasible
     assert collapsed_share(False) > 0.8
     assert collapsed_share(True) < 0.6
+
+
+@pytest.mark.parametrize(
+    ("pruner", "epochs", "rungs"),
+    [
+        ({"name": "successive_halving", "min_resource": 2, "reduction_factor": 3}, 40, {2, 6, 18}),
+        ({"name": "successive_halving", "min_resource": 1, "reduction_factor": 2, "min_early_stopping_rate": 1},
+         10, {2, 4, 8}),
+        ({"name": "hyperband", "min_resource": 1, "reduction_factor": 3}, 8, {1, 3}),
+        ({"name": "patient", "wrapped": "hyperband", "min_resource": 2, "reduction_factor": 2}, 9, {2, 4, 8}),
+        ({"name": "median"}, 40, set()),
+        ({"name": "patient", "wrapped": "median"}, 40, set()),
+        ({"name": "none"}, 40, set()),
+    ],
+)
+def test_rung_epochs_are_where_the_pruner_compares(pruner: dict[str, Any], epochs: int, rungs: set[int]) -> None:
+    spec = parse_study_spec({"study": "r", "pruner": pruner, "budget": {"epochs": epochs}})
+    assert rung_epochs(spec) == rungs
+    built = build_pruner(spec)
+    if isinstance(built, SuccessiveHalvingPruner):  # Optuna's own rung arithmetic agrees
+        rate = built._min_early_stopping_rate
+        assert min(rungs) == built._min_resource * built._reduction_factor ** rate

@@ -39,6 +39,7 @@ __all__ = [
     "ranking_frame",
     "serve",
     "train_config",
+    "write_mnist5k_cache",
     "write_report",
 ]
 
@@ -55,6 +56,7 @@ _WHERE = {
     "load_config": "tuner.spec",
     "load_run": "tuner.train",
     "load_splits": "tuner.data",
+    "write_mnist5k_cache": "tuner.data",
     "train_config": "tuner.train",
     "StudySpec": "tuner.study_spec",
     "load_study_spec": "tuner.study_spec",

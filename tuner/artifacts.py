@@ -25,21 +25,22 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, ArtifactMeta
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
-from PIL import Image
 from torch import Tensor
 
 from tuner import noise
 from tuner.errors import TunerError
-from tuner.images import image_grid, reconstruction_grid
+from tuner.images import ImagesUnavailable, image_grid, reconstruction_grid, require_pillow
 from tuner.metrics import gaussian_kl_per_dim
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
+    from PIL import Image
 
     from tuner.models import VAE
 
 __all__ = [
     "IMAGE_NAMES",
+    "ImagesUnavailable",
     "artifact_store",
     "artifacts_root",
     "beats_best",
@@ -99,7 +100,10 @@ def render_images(
     (posterior means decoded). samples.png: 64 prior draws from `seed`. traversal.png (if
     `traversal`): one row per latent dim among the 8 with the largest mean KL over x, the dim set
     to -3..3 (9 columns) while the others keep the posterior mean of x[0].
+
+    Without Pillow (a slim worker host) it raises :class:`ImagesUnavailable` before any work.
     """
+    require_pillow()
     xs = x[:RECONSTRUCTIONS].unsqueeze(0)  # (1, B, D)
     mu, _ = model.encode(xs)  # (1, B, Zmax)
     recon = model.mean_image(model.decode(mu))[0]

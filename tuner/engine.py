@@ -7,33 +7,52 @@ size) and validates them; a slot that finishes or is stopped is `assign`-ed a ne
 neighbours carry on. Slot losses are *summed* (never averaged: that would shrink every gradient by
 1/N), gradient norms are clipped per slot, and a slot whose loss or gradient goes non-finite is
 frozen at once and stopped with a reason at the end of the epoch.
+
+The host never waits inside an epoch: the step loop makes no host-to-device copy and reads nothing
+back (no ``.item()``, no Python branch on a tensor), so on CUDA the host queues steps ahead of the
+GPU; ``run_epoch`` reads the epoch's numbers back in one copy, and keeps best weights with a
+decision made on the device. That also lets CUDA run the epoch as one captured graph
+(:class:`tuner.epoch_graph.EpochGraph`), with ``precision`` (TF32 or bf16 autocast) and a compiled optimizer update
+(:mod:`tuner.optim`). Each of these falls back to plain eager launches, with one warning, if it fails.
+
+Tolerances. On the CPU in fp32, a slot trains bit for bit as its config alone would in a population
+of one (the same kernels per slot) and a resumed slot as if never stopped: the tests hold it. On
+CUDA that is not promised: batched kernels pick their algorithms by the population's shapes, TF32
+and bf16 round differently, and the compiled optimizer fuses what eager code rounds step by step,
+so a slot alone and the same slot in a population agree to a tolerance, which the GPU check measures.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from tuner import noise, schedules
+from tuner import noise, schedules, slot_state
 from tuner.data import Splits
+from tuner.errors import TunerError
+from tuner.epoch_graph import EpochGraph, tf32
 from tuner.models import VAE
-from tuner.optim import StackedOptimizer
+from tuner.optim import OPTIMIZER_HYPERPARAMETERS, StackedOptimizer
 
 if TYPE_CHECKING:  # the engine imports with torch and numpy alone (no pydantic on a bare GPU box)
     from tuner.spec import TrainConfig
 
-__all__ = ["EpochResult", "Population", "PopulationShape", "SlotState", "latent_size"]
+__all__ = ["PRECISIONS", "EpochResult", "Population", "PopulationShape", "SlotState", "build_vae", "latent_size",
+           "resolve_precision"]
 
-CHECKPOINT_FORMAT = 1
 _STREAM_PERM, _STREAM_STEP, _STREAM_BINARIZE, _STREAM_VALID = 11, 12, 13, 14
 # the flat parameter's views are strided across slots; their gradients accumulate in place all the same
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 _EVAL_ELEMENTS = 1 << 23  # floats per validation batch across slots (bounds memory)
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 SlotStatus = Literal["empty", "running", "finished", "stopped"]
 
@@ -132,16 +151,6 @@ def _hyperparameters(config: TrainConfig) -> dict[str, float]:
 _CODES = ("lr_decay", "kl_kind")
 
 
-def _fit(t: Tensor, shape: torch.Size) -> Tensor:
-    """Copy t into zeros of `shape` over their overlap (padded slot tensors between populations)."""
-    if t.shape == shape:
-        return t
-    out = torch.zeros(shape, dtype=t.dtype)
-    region = tuple(slice(0, min(a, b)) for a, b in zip(t.shape, shape))
-    out[region] = t[region]
-    return out
-
-
 def _flatten(params: list[nn.Parameter]) -> tuple[nn.Parameter, list[tuple[int, int]]]:
     """One (S, P) parameter, with a preallocated gradient, holding every weight of the model.
 
@@ -164,23 +173,43 @@ def _flatten(params: list[nn.Parameter]) -> tuple[nn.Parameter, list[tuple[int, 
     return flat, offsets
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> tf32 on CUDA, fp32 elsewhere; tf32 off CUDA is fp32 (TF32 is a tensor-core format)."""
+    if precision not in PRECISIONS:
+        raise TunerError(f"precision must be one of {list(PRECISIONS)}, but got {precision=}")
+    if precision == "auto" or (precision == "tf32" and device.type != "cuda"):
+        return "tf32" if device.type == "cuda" else "fp32"
+    return precision
+
+
 class Population:
-    """N slots of one :class:`PopulationShape` training on one device."""
+    """N slots of one :class:`PopulationShape` training on one device.
+
+    precision: the training step's arithmetic (validation is always fp32): ``fp32``; ``tf32``,
+    float32 matmuls and convolutions on TF32 tensor cores (CUDA only: elsewhere it is fp32); ``bf16``,
+    the forward pass under bfloat16 autocast (on CUDA with TF32 for what stays float32); ``auto``,
+    tf32 on CUDA and fp32 elsewhere. ``self.precision`` holds the resolved value. cuda_graph: on a
+    CUDA device, run each epoch's steps as a captured CUDA graph (:class:`tuner.epoch_graph.EpochGraph`; ignored
+    elsewhere). update: the optimizer's update path (:class:`tuner.optim.StackedOptimizer`).
+    """
 
     def __init__(
         self, shape: PopulationShape, splits: Splits, *, slots: int, latent_max: int, hidden_max: int,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", precision: str = "auto", cuda_graph: bool = True,
+        update: Literal["auto", "per_slot", "vectorized", "compiled"] = "auto",
     ) -> None:
         self.shape, self.splits, self.slots = shape, splits, slots
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.graph = EpochGraph(self.device, enabled=cuda_graph and self.device.type == "cuda")
         self.latent_max, self.hidden_max = latent_max, hidden_max
-        self.model = self._new_model(slots)
+        self.model = self.build_model(slots)
         self.params = list(self.model.parameters())
         self.names = [n for n, _ in self.model.named_parameters()]
         self.flat, self.offsets = _flatten(self.params)  # (S, P); self.params are views into it
         self.best_flat = self.flat.detach().clone()  # best-validation weights per slot
         self.best = [self.best_flat[:, a:b].view(p.shape) for p, (a, b) in zip(self.params, self.offsets)]
-        self.optimizer = StackedOptimizer([self.flat], shape.optimizer, slots)
+        self.optimizer = StackedOptimizer([self.flat], shape.optimizer, slots, update=update)
         self._clipping = False  # host-side: does any slot clip gradients
         self.state = [SlotState() for _ in range(slots)]
         dev = self.device
@@ -194,6 +223,12 @@ class Population:
             for name in _HYPERPARAMETERS
         }
         self.steps_per_epoch = splits.train.shape[0] // shape.batch_size  # the last partial batch is dropped
+        self.order = torch.zeros(slots, splits.train.shape[0], dtype=torch.int64, device=dev)  # this epoch's, per slot
+        # each slot's best val -ELBO on the device (float32, as read back), so run_epoch decides which
+        # slots improved without a host-to-device copy; _best_written: what it holds, host-side
+        self.best_val = torch.full((slots,), math.inf, device=dev)
+        self._best_written = [math.inf] * slots
+        self.steps_done = 0  # steps of the current (or last) epoch whose update was applied
 
     @classmethod
     def for_configs(cls, configs: list[TrainConfig], splits: Splits, device: torch.device | str = "cpu") -> Population:
@@ -224,7 +259,7 @@ class Population:
         for name, value in _hyperparameters(config).items():
             self.hp[name][slot] = value
         self.seed[slot] = config.seed
-        self.keys = noise.keys_from_seeds(self.seed)
+        self.keys.copy_(noise.keys_from_seeds(self.seed))  # in place: a captured graph reads this tensor
         self.step[slot] = 0
         self.epoch[slot] = 0
         self._clipping = bool(torch.isfinite(self.hp["grad_clip"]).any())
@@ -267,10 +302,35 @@ class Population:
     def train_epoch(self) -> dict[str, Tensor]:
         """One epoch of every live slot. Returns per-slot means (S,) and a `finite` flag (S,)."""
         self.model.train()
-        n, b, steps = self.splits.train.shape[0], self.shape.batch_size, self.steps_per_epoch
+        # a fresh permutation of the train split per slot and epoch, from the slot's own stream; made
+        # here, outside any CUDA graph: CUB's segmented sort is not capturable at every size
+        u = noise.uniform(noise.derive(self.keys, _STREAM_PERM, self.epoch), (self.splits.train.shape[0],))  # (S, N)
+        self.order.copy_(torch.argsort(u, dim=1, stable=True))
+        # host-side choices the steps' kernels depend on (tensor contents may change freely)
+        key = (
+            self.steps_per_epoch, self._clipping, self.optimizer._decay, self.optimizer.update,
+            self.model._any_dropout, self.precision,
+        )
+        self.steps_done = 0
+        out = self.graph.run(key, self._launch_steps)
+        self.steps_done = self.steps_per_epoch
+        return out
+
+    def _launch_steps(self) -> dict[str, Tensor]:
+        """The epoch's steps, launched with this population's float32 matmul precision on CUDA.
+
+        note: TF32 is a process-wide switch in PyTorch, so it is on only while steps are launched
+        (eagerly or under capture: a replayed graph keeps the kernels it captured) and restored
+        after; another thread's float32 matmuls in that window (final metrics) may take TF32 too.
+        """
+        with tf32(self.precision != "fp32") if self.device.type == "cuda" else nullcontext():
+            return self._train_steps()
+
+    def _train_steps(self) -> dict[str, Tensor]:
+        """The epoch's steps, all device work (what a CUDA graph captures): no host copy or read."""
+        b, steps, order = self.shape.batch_size, self.steps_per_epoch, self.order
+        bf16 = self.precision == "bf16"
         live = self.live.clone()
-        # a fresh permutation of the train split per slot and epoch, from the slot's own stream
-        order = torch.argsort(noise.uniform(noise.derive(self.keys, _STREAM_PERM, self.epoch), (n,)), dim=1, stable=True)
         finite = torch.ones_like(live)
         sums = {k: torch.zeros(self.slots, device=self.device) for k in ("loss", "neg_elbo")}
         # 1. the epoch's schedules and noise keys, for all steps at once (steps, S): each value is
@@ -279,14 +339,18 @@ class Population:
         kl_ws, caps, lrs = self._schedule(self.epoch.to(torch.float32) + ticks / steps)
         all_keys = noise.derive(self.keys, _STREAM_STEP, self.step + ticks - 1)
         for t in range(steps):
+            self.steps_done = t  # host-side: updates applied when an out-of-memory error stops the epoch
             kl_w, cap, lr, step_keys = kl_ws[t], caps[t], lrs[t], all_keys[t]
             # 2. forward all slots; a non-finite slot is frozen (zero loss share, no update)
             x = self._batch(order[:, t * b : (t + 1) * b], step_keys)  # (S, B, D)
-            out = self.model(x, step_keys, kl_w, cap, self.hp["free_bits"])
-            ok = live & torch.isfinite(out.loss)
+            # (the autocast cache is off: under graph capture it would outlive what it caches)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
+                out = self.model(x, step_keys, kl_w, cap, self.hp["free_bits"])
+            loss = out.loss.float()  # (S,); bf16 autocast may hand back bfloat16
+            ok = live & torch.isfinite(loss)
             # 3. backward on the SUM of slot losses: each slot gets exactly its own gradient
             self.flat.grad.zero_()
-            torch.where(ok, out.loss, 0.0).sum().backward()
+            torch.where(ok, loss, 0.0).sum().backward()
             if self._clipping:
                 norms = self.optimizer.clip_grad_norm_(self.hp["grad_clip"])
             else:
@@ -296,8 +360,8 @@ class Population:
             self.optimizer.step(torch.where(ok, lr, 0.0), ok)
             finite &= ok | ~live
             self.step += live
-            sums["loss"] += torch.where(ok, out.loss.detach(), 0.0)
-            sums["neg_elbo"] += torch.where(ok, out.neg_elbo.detach(), 0.0)
+            sums["loss"] += torch.where(ok, loss.detach(), 0.0)
+            sums["neg_elbo"] += torch.where(ok, out.neg_elbo.detach().float(), 0.0)
         self.epoch += live
         return {
             "loss": sums["loss"] / steps, "neg_elbo": sums["neg_elbo"] / steps, "finite": finite,
@@ -323,29 +387,51 @@ class Population:
         return {k: v / n for k, v in sums.items()}
 
     @torch.no_grad()
-    def _keep_best(self, improved: Tensor) -> None:
+    def _keep_best(self, improved: Tensor, val: Tensor) -> None:
+        """Best weights and best val -ELBO of the slots that improved (S,) bool: on the device."""
         self.best_flat.copy_(torch.where(improved.view(-1, 1), self.flat, self.best_flat))
+        self.best_val.copy_(torch.where(improved, val, self.best_val))
+
+    def _write_best_val(self) -> None:
+        """Put host best values the device does not hold yet (a slot assigned, loaded from a
+        checkpoint or moved in) into best_val: a few scalar writes then, none in a usual epoch."""
+        for s, st in enumerate(self.state):
+            if st.best_val != self._best_written[s]:
+                self.best_val[s] = st.best_val
+                self._best_written[s] = st.best_val
 
     def run_epoch(self) -> list[EpochResult]:
         """Train and validate every running slot for one epoch; update best state, patience, status."""
         running = self.running()
         if not running:
             return []
+        self._write_best_val()
+        live = self.live.clone()  # the running slots, on the device
         train = self.train_epoch()
         val = self.validate()
-        # note: the one host sync of the epoch
-        train_h = {k: v.tolist() for k, v in train.items()}
-        val_h = {k: v.tolist() for k, v in val.items()}
-        improved = [False] * self.slots
+        # 1. best weights, decided on the device by the host's rule below: a running slot whose
+        #    epoch and val -ELBO are finite improves when it beats its best (NaN never does)
+        v_dev = val["neg_elbo"]
+        improved_dev = live & train["finite"] & torch.isfinite(v_dev) & (v_dev < self.best_val)
+        self._keep_best(improved_dev, v_dev)
+        # 2. note: the one host sync of the epoch, every number in one copy
+        rows = (
+            train["loss"], train["neg_elbo"], train["finite"], train["kl_weight"], train["lr"],
+            v_dev, val["recon"], val["kl"], improved_dev,
+        )
+        (loss, neg_elbo, finite, kl_w, lr, val_neg_elbo, recon, kl, improved) = torch.stack(
+            [r.to(torch.float32) for r in rows]
+        ).tolist()
         results = []
         for s in running:
             st, cfg = self.state[s], self.state[s].config
             st.epoch += 1
-            v = val_h["neg_elbo"][s]
-            if not train_h["finite"][s] or not math.isfinite(v):
+            v = val_neg_elbo[s]
+            if not finite[s] or not math.isfinite(v):
                 self.stop(s, f"non-finite loss or gradient in epoch {st.epoch} (lr {cfg.optim.lr:g}); slot frozen")
-            elif v < st.best_val:
-                st.best_val, st.best_epoch, st.bad_epochs, improved[s] = v, st.epoch, 0, True
+            elif improved[s]:  # v < st.best_val: the device's decision, so best weights and bookkeeping agree
+                st.best_val, st.best_epoch, st.bad_epochs = v, st.epoch, 0
+                self._best_written[s] = v
             else:
                 st.bad_epochs += 1
             if st.status == "running":
@@ -356,104 +442,117 @@ class Population:
                 if st.status != "running":
                     self.live[s] = False
             row = {
-                "epoch": st.epoch, "train_loss": train_h["loss"][s], "train_neg_elbo": train_h["neg_elbo"][s],
-                "val_neg_elbo": v, "val_recon": val_h["recon"][s], "val_kl": val_h["kl"][s],
-                "kl_weight": train_h["kl_weight"][s], "lr": train_h["lr"][s],
+                "epoch": st.epoch, "train_loss": loss[s], "train_neg_elbo": neg_elbo[s],
+                "val_neg_elbo": v, "val_recon": recon[s], "val_kl": kl[s], "kl_weight": kl_w[s], "lr": lr[s],
             }
             st.history.append(row)
-            results.append(EpochResult(slot=s, improved=improved[s], status=st.status, reason=st.reason, **row))
-        self._keep_best(torch.tensor(improved, device=self.device))
+            results.append(EpochResult(slot=s, improved=bool(improved[s]), status=st.status, reason=st.reason, **row))
         return results
 
-    # ------------------------------------------------------------------------ checkpoints
+    # ----------------------------------------------------------------------- slot state
     def slot_checkpoint(self, slot: int) -> dict[str, Any]:
-        """Everything to resume one slot anywhere: loads with torch.load(weights_only=True)."""
-        st = self.state[slot]
-        if st.config is None:
-            raise ValueError(f"slot {slot} holds no run")
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": st.config.model_dump(mode="json"),
-            "model": self._split(self.flat[slot].detach().cpu().clone()),
-            "best": self._split(self.best_flat[slot].cpu().clone()),
-            "optimizer": self._optimizer_state(slot),
-            "step": int(self.step[slot]),
-            "epoch": st.epoch,
-            "status": st.status,
-            "reason": st.reason,
-            "best_val": st.best_val,
-            "best_epoch": st.best_epoch,
-            "bad_epochs": st.bad_epochs,
-            "history": [dict(r) for r in st.history],
-        }
+        """Everything to resume one slot anywhere, at its true size (:mod:`tuner.slot_state`); loads
+        with torch.load(weights_only=True)."""
+        return slot_state.snapshot(self, slot).checkpoint()
 
-    def _split(self, row: Tensor) -> dict[str, Tensor]:
-        """One slot's flat (P,) CPU copy -> {parameter name: view}. Views, not copies: a checkpoint
-        is one contiguous copy per tensor kind (torch.save writes the shared storage once), which
-        keeps the per-epoch checkpoint to 4 copies instead of one per layer and kind."""
-        return {n: row[a:b].view(p.shape[1:]) for n, p, (a, b) in zip(self.names, self.params, self.offsets)}
-
-    def _optimizer_state(self, slot: int) -> dict[str, Any]:
-        """The optimizer's slot state with each flat moment split per named parameter, so that it
-        loads into a population with other latent/hidden maxima (another layout of the flat vector)."""
-        out: dict[str, Any] = {}
-        for key, value in self.optimizer.slot_state(slot).items():
-            if key.endswith(".0"):  # a moment of the flat parameter, (P,)
-                out[key] = self._split(value)
-            else:
-                out[key] = value
-        return out
-
-    def _load_optimizer_state(self, slot: int, saved: dict[str, Any]) -> None:
-        state = {}
-        for key, value in saved.items():
-            if isinstance(value, dict):
-                state[key] = torch.cat([_fit(value[n], p.shape[1:]).flatten() for n, p in zip(self.names, self.params)])
-            else:
-                state[key] = value
-        self.optimizer.load_slot_state(slot, state)
-
-    @torch.no_grad()
     def load_slot_checkpoint(self, slot: int, ckpt: dict[str, Any]) -> None:
         """Put a saved slot into `slot` of this population (maxima may differ; true sizes must fit)."""
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {ckpt.get('format')!r} is not {CHECKPOINT_FORMAT}")
-        from tuner.spec import parse_config  # lazy: pydantic only where a checkpoint is read
+        slot_state.load(self, slot, ckpt)
 
-        config = parse_config(ckpt["config"], source="checkpoint config")
-        self.assign(slot, config)
-        shapes = {n: p.shape[1:] for n, p in zip(self.names, self.params)}
-        for n, p, b in zip(self.names, self.params, self.best):
-            p[slot] = _fit(ckpt["model"][n], shapes[n]).to(self.device)
-            b[slot] = _fit(ckpt["best"][n], shapes[n]).to(self.device)
-        self._load_optimizer_state(slot, ckpt["optimizer"])
-        self.step[slot] = ckpt["step"]
-        self.epoch[slot] = ckpt["epoch"]
-        st = self.state[slot]
-        st.status, st.reason, st.epoch = ckpt["status"], ckpt["reason"], ckpt["epoch"]
-        st.best_val, st.best_epoch, st.bad_epochs = ckpt["best_val"], ckpt["best_epoch"], ckpt["bad_epochs"]
-        st.history = [dict(r) for r in ckpt["history"]]
-        self.live[slot] = st.status == "running"
-
-    @torch.no_grad()
     def slot_model(self, slot: int, best: bool = True) -> VAE:
         """A one-slot copy of a slot's model (its best-validation weights if `best`), in eval mode."""
-        m = self.model
-        single = self._new_model(1)
-        source = self.best if best else self.params
-        for p, src in zip(single.parameters(), source):
-            p[0] = src[slot]
-        for b, src in zip(single.buffers(), m.buffers()):  # masks and rates, all slot-major
-            b[0] = src[slot]
-        single._any_dropout = bool((single.dropout_rate > 0).any())
-        return single.eval()
+        return self.finished_model([slot], best=[best])
 
-    def _new_model(self, slots: int) -> VAE:
-        """A VAE of this population's shape and size maxima with `slots` slots, on its device."""
-        shape = self.shape
-        return VAE(
-            arch=shape.arch, likelihood=shape.likelihood, image_shape=self.splits.image_shape, slots=slots,
-            latent_max=self.latent_max, hidden_max=self.hidden_max, depth=shape.depth,
-            channels=max(shape.channels, 1), posterior=shape.posterior, flow_steps=shape.flow_steps,
-            prior=shape.prior, prior_components=shape.prior_components, hierarchy=shape.hierarchy,
-        ).to(self.device)
+    @torch.no_grad()
+    def finished_model(self, slots: list[int], best: list[bool] | None = None) -> VAE:
+        """A len(slots)-slot copy of these slots' models, in eval mode: slot i holds slots[i]'s
+        best-validation weights where ``best[i]`` (default: where its config restores the best
+        weights and it has a best epoch), else its last ones. What the final scores evaluate."""
+        if best is None:
+            best = [bool(st.config and st.config.train.restore_best and st.best_epoch > 0)
+                    for st in (self.state[s] for s in slots)]
+        out = slot_state.select_slots(self.model, slots, self.build_model)
+        for i, (slot, use_best) in enumerate(zip(slots, best, strict=True)):
+            if use_best:
+                for p, src in zip(out.parameters(), self.best):
+                    p[i] = src[slot]
+        return out
+
+    def slot_tensors(self) -> list[Tensor]:
+        """Every device tensor with a leading slot axis that holds slot state (weights, best weights,
+        optimizer state and hyperparameters, schedule values, seeds, keys, clocks, masks): what
+        moving a slot to another population copies (:meth:`take_slots`)."""
+        opt = self.optimizer
+        return [
+            self.flat.detach(), self.best_flat, *(buf for bufs in opt.state.values() for buf in bufs),
+            opt.steps, *(getattr(opt, name) for name in OPTIMIZER_HYPERPARAMETERS), *self.hp.values(),
+            self.seed, self.keys, self.step, self.epoch, self.live, self.best_val, *self.model.buffers(),
+        ]
+
+    @torch.no_grad()
+    def take_slots(self, src: Population, pairs: list[tuple[int, int]]) -> None:
+        """Copy slots ``src[a] -> self[b]`` for (a, b) in pairs, with their host-side state. Both
+        populations share shape and size maxima (one layout of the flat weights); in place."""
+        if (self.shape, self.latent_max, self.hidden_max) != (src.shape, src.latent_max, src.hidden_max):
+            raise ValueError("slots move only between populations of one shape and size maxima")
+        if not pairs:
+            return
+        a = torch.tensor([p[0] for p in pairs], device=src.device)
+        b = torch.tensor([p[1] for p in pairs], device=self.device)
+        for dst, source in zip(self.slot_tensors(), src.slot_tensors(), strict=True):
+            dst[b] = source[a]
+        for sa, sb in pairs:
+            self.state[sb] = src.state[sa]
+            self._best_written[sb] = src._best_written[sa]
+        self.refresh_flags()
+
+    def resized(self, slots: int) -> tuple[Population, dict[int, int]]:
+        """A population of ``slots`` slots holding this one's running slots, packed first (grown,
+        shrunk, or halved after an out-of-memory error); returns it and old slot -> new slot."""
+        running = self.running()
+        if len(running) > slots:
+            raise ValueError(f"{len(running)} running slots do not fit {slots} slots")
+        new = Population(
+            self.shape, self.splits, slots=slots, latent_max=self.latent_max, hidden_max=self.hidden_max,
+            device=self.device, precision=self.precision, cuda_graph=self.graph.enabled,
+            update=self.optimizer.update,  # a path that failed here stays off there
+        )
+        moved = {old: i for i, old in enumerate(running)}
+        new.take_slots(self, list(moved.items()))
+        return new, moved
+
+    def refresh_flags(self) -> None:
+        """Recompute the host-side flags from the slots' values (after slots were moved in)."""
+        self._clipping = bool(torch.isfinite(self.hp["grad_clip"]).any())
+        self.optimizer._decay = bool((self.optimizer.weight_decay > 0).any())
+        self.model.refresh_flags()
+
+    def build_model(self, slots: int, *, latent_max: int | None = None, hidden_max: int | None = None,
+                    device: torch.device | str | None = None) -> VAE:
+        """An empty VAE of this population's shape: its size maxima and device unless given."""
+        return build_vae(self.shape, self.splits.image_shape, latent_max or self.latent_max,
+                         hidden_max or self.hidden_max, device or self.device, slots)
+
+    def model_factory(self) -> Callable[[int], VAE]:
+        """build_model as a function of the slot count alone, holding no reference to the population."""
+        return functools.partial(build_vae, self.shape, self.splits.image_shape, self.latent_max, self.hidden_max,
+                                 self.device)
+
+
+def build_vae(shape: PopulationShape, image_shape: tuple[int, int, int], latent_max: int, hidden_max: int,
+              device: torch.device | str, slots: int) -> VAE:
+    """An empty VAE (weights zero until ``init_slot``) of a population shape, sizes and slot count."""
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return _vae(shape, image_shape, latent_max, hidden_max, slots)
+    return _vae(shape, image_shape, latent_max, hidden_max, slots).to(device)
+
+
+def _vae(shape: PopulationShape, image_shape: tuple[int, int, int], latent_max: int, hidden_max: int,
+         slots: int) -> VAE:
+    return VAE(
+        arch=shape.arch, likelihood=shape.likelihood, image_shape=image_shape, slots=slots,
+        latent_max=latent_max, hidden_max=hidden_max, depth=shape.depth, channels=max(shape.channels, 1),
+        posterior=shape.posterior, flow_steps=shape.flow_steps, prior=shape.prior,
+        prior_components=shape.prior_components, hierarchy=shape.hierarchy,
+    )

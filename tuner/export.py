@@ -20,7 +20,7 @@ import optuna
 
 from tuner.errors import TunerError
 from tuner.ranking import rank_study, render_ranking
-from tuner.study import open_study
+from tuner.study import open_study, study_key
 from tuner.spec import config_to_yaml, parse_config
 from tuner.storage import check_storage, mask_url, open_storage
 
@@ -51,7 +51,7 @@ def export_top(
 
     study, frame = rank_study(storage_url, study_name, by=by, include_collapsed=include_collapsed)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    root = artifacts_root(storage_url, artifacts) / study_name
+    root = artifacts_root(storage_url, artifacts) / study_key(study)  # checkpoints: keyed by the study's identity
     files: dict[str, str | Path] = {}  # file name -> text, or a file to copy
     for number in frame["trial"].head(top):
         t = trials[int(number)]

@@ -66,7 +66,7 @@ three quarters of the test split's own metrics (1000 examples, K = 200).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -76,7 +76,7 @@ from torch import Tensor
 
 from tuner import noise
 from tuner.errors import TunerError
-from tuner.metrics import MAX_ELEMENTS, iwae_nll
+from tuner.metrics import MAX_ELEMENTS, iwae_nll, slot_seeds
 
 if TYPE_CHECKING:  # this module imports with torch and numpy alone (no pydantic on a bare GPU box)
     from tuner.spec import TrainConfig
@@ -207,7 +207,7 @@ def _check(x: Tensor, examples: int, steps: int, lr: float, k: int) -> None:
 
 def estimate_gaps(
     model: Any, x: Tensor, *, examples: int = 128, steps: int = 100, lr: float = 3e-2,
-    k: int = GAP_IWAE_K, seed: int = 0, max_elements: int = MAX_ELEMENTS,
+    k: int = GAP_IWAE_K, seed: int | Sequence[int] = 0, max_elements: int = MAX_ELEMENTS,
 ) -> Gaps:
     """Amortization and approximation gaps of every slot on x[:examples], nats per example.
 
@@ -221,7 +221,7 @@ def estimate_gaps(
     s, device = model.slots, model.latent_mask.device
     x = x[:examples].to(device=device, dtype=torch.float32)
     n, d = x.shape
-    key = noise.keys_from_seeds(torch.full((s,), seed, dtype=torch.int64, device=device))  # (S,)
+    key = noise.keys_from_seeds(slot_seeds(seed, s, device))  # (S,): one seed, or one per slot
     idx = torch.arange(n, device=device)
     eval_keys = noise.derive(key[:, None], _EVAL_STREAM, idx[None, :])  # (S, N): one per example
     step_keys = noise.derive(key[:, None], _STEP_STREAM, idx[None, :])

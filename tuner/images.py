@@ -7,21 +7,45 @@ Images come in flat, as the models see them: (n, D) floats in [0, 1] with D = C 
 Layout: tiles are upscaled ``scale`` times (nearest neighbour), laid out row by row with ``pad``
 black output pixels between them (none around the border). Values are clipped to [0, 1] and NaN
 is drawn black, so a diverged trial still gets a picture instead of an error.
+
+Pillow is imported on first use, not with the module: a slim GPU worker host may lack it (README
+"Many hosts"). Drawing there raises :class:`ImagesUnavailable`, which the worker catches to
+complete its trials without images.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from tuner.errors import TunerError
 
-__all__ = ["image_grid", "reconstruction_grid", "save_grid"]
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from PIL import Image
+
+__all__ = ["ImagesUnavailable", "image_grid", "reconstruction_grid", "require_pillow", "save_grid"]
+
+
+class ImagesUnavailable(TunerError):
+    """Pillow is not installed on this host, so no image can be drawn (one line: what and the fix)."""
+
+
+def require_pillow() -> ModuleType:
+    """``PIL.Image``, imported on first use; :class:`ImagesUnavailable` without Pillow."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImagesUnavailable(
+            "Pillow is not installed on this host, so no image can be drawn; pip install pillow"
+        ) from None
+    return Image
 
 
 def image_grid(
@@ -118,4 +142,4 @@ def _render(
         top, left = r * (h + pad), col * (w + pad)
         canvas[top : top + h, left : left + w] = tile
     # uint8 (H, W) is read as mode "L", uint8 (H, W, 3) as "RGB"
-    return Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
+    return require_pillow().fromarray(canvas[:, :, 0] if c == 1 else canvas)

@@ -28,7 +28,7 @@ from tuner.study_spec import StudySpec
 from tuner.study import create_or_resume, study_counts
 from tuner.artifacts import artifacts_root
 
-__all__ = ["STOP_WAIT_S", "LaunchResult", "launch", "prepare", "watch_progress"]
+__all__ = ["STOP_WAIT_S", "LaunchResult", "launch", "prepare", "study_summary", "watch_progress"]
 
 STOP_WAIT_S = 120  # how long workers get to finish their epoch and hand trials back
 
@@ -58,6 +58,20 @@ def _status_table(study: optuna.Study, spec: StudySpec, started: float, finished
     table.add_row(str(counts.complete), str(counts.pruned), str(counts.failed), str(counts.running),
                   str(counts.waiting), best_text, f"{rate:.1f}", eta, str(alive))
     return table
+
+
+def study_summary(study: optuna.Study, spec: StudySpec) -> str:
+    """What `tuner run` prints at the end where pandas (the ranking's) is missing, in one line: the
+    trial counts and the best feasible trial, or the size of the Pareto front (objective multi)."""
+    c = study_counts(study)
+    counts = f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed trials"
+    if spec.objective == "multi":
+        return f"{counts}; {len(study.best_trials)} on the Pareto front (validation iwae_nll, inactive fraction)"
+    try:
+        best = study.best_trial  # feasible (not collapsed) trials only
+    except ValueError:  # none complete, or all collapsed
+        return f"{counts}; no complete trial without collapse yet"
+    return f"{counts}; best: trial {best.number}, validation {spec.objective} {best.value:.2f} nats"
 
 
 def watch_progress(

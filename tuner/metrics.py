@@ -50,7 +50,7 @@ given noise), with the same noise keys per (example, sample). What is estimated 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +75,7 @@ __all__ = [
     "iwae_nll",
     "log_normal",
     "mutual_info",
+    "slot_seeds",
 ]
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: a dim is active when Cov_x(E_q[z_d|x]) > 0.01
@@ -429,11 +430,22 @@ def mutual_info(
         return _mutual_info(mu, logvar, model.latent_mask, key, max_elements).cpu()
 
 
+def slot_seeds(seed: int | Sequence[int], slots: int, device: torch.device | str) -> Tensor:
+    """(S,) int64 seeds: one for every slot, or one per slot (a batch of finished trials is
+    evaluated together, each with its own trial's seed, as it would be alone)."""
+    if isinstance(seed, int):
+        return torch.full((slots,), seed, dtype=torch.int64, device=device)
+    if len(seed) != slots:
+        raise TunerError(f"metrics: got {len(seed)} seeds for {slots} slots; give one seed or one per slot")
+    return torch.tensor(list(seed), dtype=torch.int64, device=device)
+
+
 def evaluate(
-    model: Any, x: Tensor, *, k: int = 200, seed: int = 0, batch_size: int = 100,
+    model: Any, x: Tensor, *, k: int = 200, seed: int | Sequence[int] = 0, batch_size: int = 100,
     max_elements: int = MAX_ELEMENTS,
 ) -> Evaluation:
-    """All metrics of every slot on x (N, D), nats per example. Every slot gets the same noise."""
+    """All metrics of every slot on x (N, D), nats per example. Each slot's noise comes from its
+    seed (``seed``: one for all slots, or one per slot), so a slot measures the same in any batch."""
     _check(x, k, batch_size)
     n = x.shape[0]
     if math.log(n) < COLLAPSE_MI_NATS:
@@ -444,8 +456,7 @@ def evaluate(
             "examples."
         )
     mask = _kl_mask(model)
-    seeds = torch.full((model.slots,), seed, dtype=torch.int64, device=mask.device)
-    key = noise.keys_from_seeds(seeds)
+    key = noise.keys_from_seeds(slot_seeds(seed, model.slots, mask.device))
     with _eval_mode(model):
         if _closed_form(model):
             mu, logvar = _encode(model, x, batch_size)  # (S, N, Z), reused by every metric below

@@ -172,13 +172,18 @@ class VAE(nn.Module):
         self.latent_mask[slot].zero_()
         self.latent_mask[slot, :latent] = 1.0
         self.dropout_rate[slot] = dropout
-        self._any_dropout = bool((self.dropout_rate > 0).any())
+        self.refresh_flags()
         if self.flow is not None:
             self.flow.init_slot(slot, latent, hidden, hidden, g)
         if self.prior is not None:
             self.prior.init_slot(slot, latent, g)
         if self.ladder is not None:
             self.ladder.init_slot(slot, latent, latent2, hidden, g)
+
+    def refresh_flags(self) -> None:
+        """The host-side flag the forward pass branches on (any slot with dropout), from the rates
+        (after a slot is initialised, or slots are copied in)."""
+        self._any_dropout = bool((self.dropout_rate > 0).any())
 
     # ------------------------------------------------------------------------------ networks
     def _dropout(self, h: Tensor, key: Tensor | None, layer: int) -> Tensor:

@@ -30,8 +30,8 @@ _GOLDEN = 0x9E3779B9
 _TWO_POW_M24 = 1.0 / (1 << 24)
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), exact in int64 (no signed overflow)."""
+def _mul32(x: Tensor | int, c: int) -> Tensor | int:
+    """(x * c) mod 2**32 for x in [0, 2**32), exact in int64 (no signed overflow); x a tensor or an int."""
     lo = x & 0xFFFF
     hi = x >> 16
     return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
@@ -52,11 +52,19 @@ def keys_from_seeds(seeds: Tensor) -> Tensor:
 
 
 def derive(keys: Tensor, *counters: int | Tensor) -> Tensor:
-    """Fold counters (python ints or (S,) int64 tensors) into (S,) keys, in order."""
+    """Fold counters (python ints or (S,) int64 tensors) into (S,) keys, in order.
+
+    A python int is hashed on the host and enters as a scalar operand, the same bits a 0-dim tensor
+    would give: no tensor is made from it, so no host-to-device copy (a sync on CUDA, and an error
+    under CUDA graph capture) happens per call.
+    """
     out = keys
     for c in counters:
-        c = c if isinstance(c, Tensor) else torch.tensor(c, dtype=torch.int64, device=keys.device)
-        out = _mix(out ^ _mul32((c.to(torch.int64) + 1) & _M32, _GOLDEN))
+        if isinstance(c, Tensor):
+            h = _mul32((c.to(torch.int64) + 1) & _M32, _GOLDEN)
+        else:
+            h = _mul32((int(c) + 1) & _M32, _GOLDEN)  # an int in [0, 2**32), as the tensor path's
+        out = _mix(out ^ h)
     return out
 
 

@@ -12,12 +12,25 @@ Per-slot guarantees (DESIGN "Population pitfalls" 1-3):
 * gradient clipping is per slot; every op is elementwise within a slot and inactive values are
   dropped with ``torch.where`` (never multiplied by 0), so NaN or Inf in one slot cannot reach another.
 
-:meth:`step` and :meth:`clip_grad_norm_` loop over parameters, never over slots, and never sync with
-the host, so they can run under CUDA graph capture.
+:meth:`step` and :meth:`clip_grad_norm_` loop over parameters, never over slots. Three ways to update
+(``update``), one result within float rounding:
+
+* ``per_slot`` (the CPU default): PyTorch's fused Adam/AdamW/SGD kernel per active slot, one pass over
+  that slot's rows; reads the (S,) lr and active flags on the host (free on a CPU, a sync on a GPU);
+* ``compiled`` (the CUDA default): :func:`_update`, a pure elementwise function of the parameter,
+  its gradient and moments and (S, 1) per-slot tensors, under ``torch.compile``: one fused kernel
+  that reads p, g and the moments once and writes them once. If compiling or running it fails,
+  one warning, then ``vectorized`` for good;
+* ``vectorized``: the same update as ~9 in-place eager passes over all slots (no compiler needed).
+
+The compiled and vectorized paths read nothing back to the host, so they can run under CUDA graph
+capture.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -25,10 +38,12 @@ from torch import Tensor
 
 from tuner.errors import TunerError
 
-__all__ = ["OPTIMIZERS", "StackedOptimizer"]
+__all__ = ["OPTIMIZERS", "OPTIMIZER_HYPERPARAMETERS", "UPDATES", "StackedOptimizer"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+UPDATES = ("auto", "per_slot", "vectorized", "compiled")
 _HYPERPARAMETERS = ("beta1", "beta2", "eps", "weight_decay", "momentum")
+OPTIMIZER_HYPERPARAMETERS = _HYPERPARAMETERS  # the per-slot (S,) tensors besides ``steps``
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6)
 
 
@@ -37,14 +52,16 @@ class StackedOptimizer:
 
     def __init__(
         self, params: list[torch.nn.Parameter], kind: Literal["adam", "adamw", "sgd"], slots: int,
-        fused: bool | None = None,
+        fused: bool | None = None, update: Literal["auto", "per_slot", "vectorized", "compiled"] = "auto",
     ) -> None:
-        """fused: update each active slot with PyTorch's fused kernel (one pass over p, g and the
-        moments, host-side per-slot scalars); None picks it on CPU, where reading the (S,) lr and
-        active flags is free, and the vectorized all-slots update on GPUs, where it would sync."""
+        """update: how to update (module docstring); "auto" is "per_slot" on a CPU, where reading the
+        (S,) lr and active flags is free, and "compiled" elsewhere. fused: the older spelling of
+        update, True for "per_slot" and False for "vectorized" (see :attr:`fused`)."""
         params = list(params)
         if kind not in OPTIMIZERS:
             raise TunerError(f"optimizer kind must be one of {list(OPTIMIZERS)}, but got {kind=}")
+        if update not in UPDATES:
+            raise TunerError(f"optimizer update must be one of {list(UPDATES)}, but got {update=}")
         if not params:
             raise TunerError("StackedOptimizer got no parameters; pass the population's parameters")
         for i, p in enumerate(params):
@@ -56,7 +73,11 @@ class StackedOptimizer:
         self.params = params
         self.kind = kind
         self.slots = slots
-        self.fused = device.type == "cpu" if fused is None else fused
+        if fused is not None:
+            update = "per_slot" if fused else "vectorized"
+        if update == "auto":
+            update = "per_slot" if device.type == "cpu" else "compiled"
+        self.update: str = update
         # per-slot hyperparameters and clock, (S,) float32; defaults as tuner.spec.OptimConfig
         f32 = dict(dtype=torch.float32, device=device)
         self.beta1 = torch.full((slots,), 0.9, **f32)
@@ -73,6 +94,15 @@ class StackedOptimizer:
         }
         # reused temporaries: a fresh multi-MB tensor per step costs page faults on every step
         self._scratch = [torch.empty_like(p) for p in params] if kind != "sgd" else []
+
+    @property
+    def fused(self) -> bool:
+        """Whether updates take the per-slot fused kernels; setting False picks the vectorized path."""
+        return self.update == "per_slot"
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self.update = "per_slot" if value else "vectorized"
 
     # ---- per-slot configuration ---------------------------------------------------------------
 
@@ -114,18 +144,43 @@ class StackedOptimizer:
         hold. Parameters without a gradient are skipped.
         """
         self.steps.copy_(self.steps + active.to(self.steps.dtype))
-        if self.fused:
+        if self.update == "per_slot":
             self._fused_step(lr, active)
             return
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
+        todo = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if self.update == "compiled":
+            todo = self._compiled_step(lr, active, todo)
+        for i in todo:
+            p = self.params[i]
             view = (self.slots,) + (1,) * (p.dim() - 1)  # broadcasts (S,) over the slot's elements
             on = active.view(view)
             if self.kind == "sgd":
                 self._sgd(p, i, lr.view(view), on, view)
             else:
                 self._adam(p, i, lr.view(view), on, view)
+
+    def _compiled_step(self, lr: Tensor, active: Tensor, todo: list[int]) -> list[int]:
+        """:func:`_update` under torch.compile for each parameter in ``todo``; returns those left to
+        update (all from the first failure on: a parameter is updated by one path, exactly once)."""
+        for n, i in enumerate(todo):
+            p = self.params[i]
+            view = (self.slots,) + (1,) * (p.dim() - 1)
+            hp = [getattr(self, name).view(view) for name in ("beta1", "beta2", "eps", "weight_decay", "momentum")]
+            buffers = [bufs[i] for bufs in self.state.values()]
+            try:
+                _compiled()(
+                    p, p.grad, *buffers, *([None] if self.kind == "sgd" else []),
+                    lr.view(view), active.view(view), *hp, self.steps.view(view), self.kind,
+                )
+            except Exception as error:  # noqa: BLE001 - any compiler or backend failure: fall back
+                warnings.warn(
+                    f"StackedOptimizer: the compiled {self.kind} update failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); using the vectorized update from now on",
+                    RuntimeWarning, stacklevel=3,
+                )
+                self.update = "vectorized"
+                return todo[n:]
+        return []
 
     def _fused_step(self, lr: Tensor, active: Tensor) -> None:
         """One fused kernel call per active slot over that slot's rows (inactive: not touched)."""
@@ -255,3 +310,48 @@ class StackedOptimizer:
         for name in ("steps", *_HYPERPARAMETERS):
             getattr(self, name)[slot] = state[name].to(torch.float32)
         self._decay = bool((self.weight_decay > 0).any())
+
+
+_compiled_update: Callable[..., None] | None = None  # torch.compile(_update), made by _compiled()
+
+
+def _compiled() -> Callable[..., None]:
+    """The compiled update, made on first use (importing this module stays compiler-free)."""
+    global _compiled_update
+    if _compiled_update is None:
+        _compiled_update = torch.compile(_update, fullgraph=True)
+    return _compiled_update
+
+
+def _update(
+    p: Tensor, grad: Tensor, buf1: Tensor, buf2: Tensor | None, lr: Tensor, on: Tensor, beta1: Tensor,
+    beta2: Tensor, eps: Tensor, weight_decay: Tensor, momentum: Tensor, steps: Tensor, kind: str,
+) -> None:
+    """One Adam / AdamW / SGD update of every active slot of p (S, ...), written in place.
+
+    buf1, buf2: exp_avg and exp_avg_sq (Adam, AdamW), or SGD's momentum buffer and None. lr, on
+    (bool), the hyperparameters and steps (the slot's update count, this one included) are
+    (S, 1, ...) and broadcast over the slot's elements. A pure elementwise function of tensors (the
+    one host value, kind, is a compile-time constant), so torch.compile fuses it into one kernel
+    and a CUDA graph can capture it. Weight decay is always applied: 0 leaves a finite value exactly
+    as it was, and one kernel has no pass to save. Inactive slots keep every bit: their new values
+    are dropped with ``torch.where`` (a select: NaN or Inf computed for them goes nowhere).
+    """
+    g = torch.where(on, grad, 0.0)
+    if kind != "adamw":
+        g = g + weight_decay * p  # L2 penalty in the gradient (Adam, SGD)
+    if kind == "sgd":
+        buf = momentum * buf1 + g  # a zeroed buffer makes the first step b = g, as torch.optim.SGD
+        heavy = momentum > 0  # momentum 0: plain SGD, the buffer is not used (nor written)
+        buf1.copy_(torch.where(on & heavy, buf, buf1))
+        p.copy_(torch.where(on, p - lr * torch.where(heavy, buf, g), p))
+        return
+    m = torch.lerp(buf1, g, 1.0 - beta1)  # (S, ...) first moment
+    v = beta2 * buf2 + (1.0 - beta2) * g * g  # second moment
+    t = steps.clamp_min(1.0)  # inactive slots did not advance; keep their (dropped) corrections finite
+    denom = v.sqrt() / (1.0 - beta2**t).sqrt() + eps
+    new = p * (1.0 - lr * weight_decay) if kind == "adamw" else p  # decoupled weight decay
+    new = new - (lr / (1.0 - beta1**t)) * m / denom
+    buf1.copy_(torch.where(on, m, buf1))
+    buf2.copy_(torch.where(on, v, buf2))
+    p.copy_(torch.where(on, new, p))

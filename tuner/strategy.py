@@ -186,6 +186,23 @@ def build_pruner(spec: StudySpec) -> BasePruner:
     return _pruner(p, p.name, spec.budget.epochs) or NopPruner()
 
 
+def rung_epochs(spec: StudySpec) -> frozenset[int]:
+    """The epochs at which the spec's pruner compares trials at rungs (successive halving and
+    Hyperband, also wrapped by ``patient``): min_resource * reduction_factor**k up to budget.epochs
+    (successive halving starts at k = min_early_stopping_rate; Hyperband's brackets together cover
+    every k). Empty for pruners that look at every epoch. Checkpoints are taken there too."""
+    p = spec.pruner
+    name = p.wrapped if p.name == "patient" else p.name
+    if name not in ("successive_halving", "hyperband"):
+        return frozenset()
+    k = p.min_early_stopping_rate if name == "successive_halving" else 0
+    rungs = set()
+    while (epoch := p.min_resource * p.reduction_factor**k) <= spec.budget.epochs:
+        rungs.add(epoch)
+        k += 1
+    return frozenset(rungs)
+
+
 def directions(spec: StudySpec) -> list[str]:
     """Study directions: NLL (nats) is minimized; ``multi`` adds the inactive latent fraction."""
     return ["minimize", "minimize"] if spec.objective == "multi" else ["minimize"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -25,16 +26,34 @@ from tuner.study_spec import StudySpec, parse_study_spec
 from tuner.storage import check_storage, mask_url, open_storage, store_exists
 
 __all__ = [
-    "SPEC_ATTR", "StudyCounts", "create_or_resume", "load_study", "open_study", "started_at", "studies_status", "study_counts",
+    "ID_ATTR", "SPEC_ATTR", "StudyCounts", "create_or_resume", "load_study", "open_study", "started_at", "studies_status", "study_counts",
+    "study_key",
 ]
 
 SPEC_ATTR = "tuner_spec"
 CREATED_ATTR = "tuner_created_at"
+ID_ATTR = "tuner_study_id"  # the study's own identity: artifacts are keyed by it, not by its name
 
 
 def _spec_json(spec: StudySpec) -> str:
     # the storage URL is where the study lives, not what it is: two URLs may name one database
     return json.dumps(spec.model_dump(mode="json", exclude={"storage"}), sort_keys=True)
+
+
+def _same_spec(stored: str, spec: StudySpec) -> bool:
+    """Whether a stored spec is ``spec``: compared as validated specs, so a setting added to tuner
+    since the study was created (stored without it, read with its default) is no difference."""
+    try:
+        old = parse_study_spec({**json.loads(stored), "storage": spec.storage}, source="stored spec")
+    except (TunerError, ValueError):
+        return False
+    return old == spec
+
+
+def study_key(study: optuna.Study) -> str:
+    """The folder name of a study's checkpoints under the artifact root: its identity (a UUID stored
+    at creation), or its name for a study created before tuner stored one (where its files are)."""
+    return str(study.user_attrs.get(ID_ATTR) or study.study_name)
 
 
 def _optuna_study(
@@ -71,7 +90,7 @@ def create_or_resume(spec: StudySpec, storage_url: str | None = None) -> optuna.
             raise TunerError(
                 f"study '{spec.study}' in {mask_url(url)} was not created by tuner; choose another study name"
             )
-        if stored != _spec_json(spec):
+        if not _same_spec(stored, spec):
             raise TunerError(
                 f"study '{spec.study}' exists in {mask_url(url)} with another spec; "
                 "use a new study name, or run it with the spec it was created with"
@@ -80,6 +99,7 @@ def create_or_resume(spec: StudySpec, storage_url: str | None = None) -> optuna.
     study = _optuna_study(spec, storage, create=True)
     study.set_user_attr(SPEC_ATTR, _spec_json(spec))
     study.set_user_attr(CREATED_ATTR, time.time())
+    study.set_user_attr(ID_ATTR, uuid.uuid4().hex)
     return study
 
 

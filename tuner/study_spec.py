@@ -31,6 +31,7 @@ from tuner.spec import (
 __all__ = [
     "BudgetSpec",
     "CategoricalParam",
+    "CheckpointSpec",
     "FixedParam",
     "FloatParam",
     "IntParam",
@@ -289,7 +290,11 @@ class WorkersSpec(StrictModel):
     """count: worker processes on this host; slots: trials trained at once per worker (null: 1 on
     CPU, from free memory on a GPU, at most max_slots); device: auto | cpu | cuda | cuda:N.
     heartbeat_interval: seconds between a running trial's heartbeats; grace_period: seconds
-    without one after which the trial counts as stale (its worker died) and is retried."""
+    without one after which the trial counts as stale (its worker died) and is retried.
+    precision: the training step's arithmetic, recorded on every trial: ``auto`` (tf32 on a GPU,
+    fp32 on the CPU), ``fp32``, ``tf32`` (TF32 matmuls on a GPU) or ``bf16`` (bfloat16 autocast of
+    the forward pass; validation and final metrics stay fp32). cuda_graph: on a GPU, replay each
+    population's epoch as a captured CUDA graph (falls back to plain launches if capture fails)."""
 
     count: int = Field(1, ge=1)
     slots: int | None = Field(None, ge=1)
@@ -297,6 +302,8 @@ class WorkersSpec(StrictModel):
     device: str = "auto"
     heartbeat_interval: int = Field(10, ge=1)
     grace_period: int = Field(30, ge=1)
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    cuda_graph: bool = True
 
     @field_validator("device")
     @classmethod
@@ -315,6 +322,23 @@ class WorkersSpec(StrictModel):
                 "would be failed as stale; make grace_period a few heartbeats long"
             )
         return self
+
+
+class CheckpointSpec(StrictModel):
+    """When a running trial's slot is saved, and which saved slots outlive their trial.
+
+    A running trial is checkpointed every ``every_epochs`` epochs or ``every_seconds`` seconds,
+    whichever comes first (counted from its last checkpoint), and, with ``at_rungs``, at the
+    pruner's rung epochs (successive halving, Hyperband): a worker killed outright loses at most
+    that much of each trial's training. A trial handed back (Ctrl-C, out of memory) is saved first.
+    When a trial ends, its checkpoint is deleted unless it is among the study's ``keep_top``
+    complete trials by the objective (collapsed trials last), which `tuner export` copies.
+    """
+
+    every_epochs: int = Field(5, ge=1)
+    every_seconds: float = Field(300.0, gt=0)
+    at_rungs: bool = True
+    keep_top: int = Field(10, ge=0)
 
 
 def _with_values(base: TrainConfig, values: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
@@ -428,6 +452,7 @@ class StudySpec(StrictModel):
     objective: Literal["iwae_nll", "neg_elbo", "multi"] = "iwae_nll"
     budget: BudgetSpec = BudgetSpec()
     workers: WorkersSpec = WorkersSpec()
+    checkpoints: CheckpointSpec = CheckpointSpec()
 
     @field_validator("study")
     @classmethod

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from tuner import gaps, metrics
@@ -98,6 +97,8 @@ def train_config(
     on_start runs once every input check has passed (a progress bar starts there, so a bad input
     prints nothing but its one-line error); on_epoch runs after every epoch.
     """
+    import pandas as pd  # here, not at the top: a worker imports this module on a host without pandas
+
     # every check that can fail on user input runs before the first file is written
     dev = resolve_device(device)
     splits = load_splits(config.data, config.optim.batch_size, dev)

@@ -1,165 +1,119 @@
-"""The loop tying Optuna to populations: ask, train, report, prune, tell, refill.
+"""A worker: trials from the store, trained as populations, told back. The training thread only trains.
 
-A worker holds up to `slots` running trials in populations (one per shape) and steps them epoch by
-epoch. Every epoch each trial reports its validation -ELBO (beta = 1) and is asked `should_prune`;
-a pruned, diverged or finished trial leaves its slot, which is refilled by `study.ask()` at once.
-Each trial's slot is checkpointed every epoch under ``<artifacts>/<study>/<trial>/``, and a
-heartbeat thread keeps its trial alive in the store: a worker killed with -9 loses at most the
-epoch in flight. Its trials go stale, `fail_stale_trials` (run by every worker) fails them, Optuna's
-RetryHeartbeatStaleTrialCallback enqueues a copy, and whichever worker asks next resumes the copy
-from the dead trial's last checkpoint. A complete trial's images (reconstructions, prior samples,
-and a latent traversal for a new best) go to the store's artifact store (:mod:`tuner.artifacts`).
+The worker is a pipeline, so the device never waits for the store, the disk or the final scores:
+
+* the **training thread** (this module) places asked trials in slots, runs epochs, and hands on what
+  each epoch produced: the epoch's results to the bookkeeper, finished slots to the evaluator,
+  checkpoints (on the spec's cadence) to the writer. It waits on none of them, except that it does
+  not start epoch n + 2 before the bookkeeper has done epoch n's reports (prune decisions lag one
+  epoch at most);
+* the **bookkeeper** (:mod:`tuner.bookkeeper`) makes every Optuna call in order: attrs, reports,
+  prune checks, tells, asks ahead, the stale-trial check;
+* the **evaluator** (:mod:`tuner.evaluator`) scores the slots that finished in an epoch together
+  (IWAE NLL, collapse metrics, gaps, images) and passes each trial on for its tell;
+* the **checkpoint writer** (:mod:`tuner.checkpoints`) writes true-size slot snapshots to disk;
+* a **heartbeat** thread keeps every held trial alive in the store.
+
+Populations are keyed by shape and by size bucket (:mod:`tuner.memory`): they are made, grown,
+shrunk and dropped as trials come and go, within the worker's slot budget, which on a GPU is measured
+and halved on an out-of-memory error (the evicted trials are handed back and resume elsewhere).
+
+A worker killed with -9 loses at most the checkpoint cadence of each trial: its trials go stale,
+another worker's stale-trial check fails them, Optuna's retry callback enqueues copies, and whichever
+worker asks next resumes a copy from the dead trial's last checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import dataclasses
+import json
 import math
 import os
-import queue
 import socket
 import threading
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
 import torch
-from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
-from tuner import __version__, gaps, metrics, space, strategy
-from tuner.artifacts import artifact_store, artifacts_root, beats_best, render_images, save_images
-from tuner.attrs import set_trial_attrs
-from tuner.budget_lock import budget_lock
+from tuner import space, strategy
+from tuner.artifacts import artifact_store, artifacts_root
+from tuner.atomic import write_atomic
+from tuner.bookkeeper import Bookkeeper, Context, Heartbeats, Run
+from tuner.checkpoints import Cadence, CheckpointWriter, TrialFiles
 from tuner.data import Splits, load_splits
-from tuner.engine import EpochResult, Population, PopulationShape, latent_size
+from tuner.engine import EpochResult, Population, PopulationShape, latent_size, resolve_precision
 from tuner.errors import TunerError
-from tuner.models import VAE
-from tuner.spec import DataConfig, TrainConfig, config_to_yaml
-from tuner.study_spec import StudySpec
-from tuner.retry import StorageUnavailableError
+from tuner.evaluator import Evaluator, Finished
+from tuner.memory import CudaMemory, MemoryProbe, SlotBudget, auto_slots, bucket, next_pow2
+from tuner.slot_state import snapshot, true_size
+from tuner.spec import DataConfig, TrainConfig
 from tuner.storage import mask_url, open_storage
-from tuner.study import load_study, started_at, study_counts
-from tuner.train import resolve_device, save_atomic
+from tuner.study import load_study, started_at, study_key
+from tuner.train import resolve_device
 
 __all__ = ["Worker", "WorkerSummary", "auto_slots"]
 
-# ask/tell with a heartbeat storage is what Optuna's own optimize() does internally; its warnings
-# about it (and about the experimental stale-trial check) would repeat on every trial
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 _POLL_S = 1.0  # idle wait while other workers run the study's last trials
+SUMMARY_ENV = "TUNER_WORKER_SUMMARY"  # a folder: each worker writes its WorkerSummary there as JSON
+_PENDING_CHECKPOINTS = 16  # snapshots waiting for the disk before the training thread waits too
 
 
-def auto_slots(device: torch.device, spec: StudySpec, data_dim: int) -> int:
-    """Slots per worker: 1 on CPU; on a GPU as many as half the free memory holds (capped by the spec).
+class DeviceBusy:
+    """How long the device computed the epochs: CUDA events around each population's epoch, read
+    when done (no host sync on the way); the busy fraction is their sum over the wall. A null
+    object on the CPU (the training thread's compute phase says it there)."""
 
-    Per slot: 6 copies of the weights (weights, gradient, two Adam moments, best weights, scratch)
-    plus the activations of one batch (a generous 8 floats per unit per example).
-    """
-    if device.type != "cuda":
-        return spec.workers.slots or 1
-    if spec.workers.slots:
-        return min(spec.workers.slots, spec.workers.max_slots)
-    latent, hidden = space.size_bounds(spec)
-    depth = spec.base.model.depth
-    weights = data_dim * hidden * 2 + hidden * hidden * 2 * max(depth - 1, 0) + hidden * latent * 3
-    batch = spec.base.optim.batch_size
-    per_slot = 4 * (6 * weights + 8 * batch * (2 * data_dim + 2 * depth * hidden))
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(spec.workers.max_slots, int(0.5 * free // per_slot)))
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self._pending: list[tuple[Any, Any]] = []
 
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if not self.cuda:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            self._pending.append((start, end))
+            self._collect(wait=False)
 
-class _Heartbeats:
-    """One thread recording heartbeats for every trial this worker runs (epochs may be long)."""
+    def _collect(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].query()):
+            start, end = self._pending.pop(0)
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000.0
 
-    def __init__(self, storage: optuna.storages.RDBStorage) -> None:
-        self._storage, self._ids, self._lock = storage, set(), threading.Lock()
-        self._stop = threading.Event()
-        self._interval = storage.get_heartbeat_interval() or 60
-        self._thread = threading.Thread(target=self._run, name="tuner-heartbeat", daemon=True)
-
-    def __enter__(self) -> _Heartbeats:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def add(self, trial_id: int) -> None:
-        with self._lock:
-            self._ids.add(trial_id)
-        self._storage.record_heartbeat(trial_id)
-
-    def discard(self, trial_id: int) -> None:
-        with self._lock:
-            self._ids.discard(trial_id)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            with self._lock:
-                ids = list(self._ids)
-            for trial_id in ids:
-                try:
-                    self._storage.record_heartbeat(trial_id)
-                except Exception:  # noqa: BLE001 - a missed beat is retried next interval; the grace period covers it
-                    pass
+    def total(self) -> float:
+        self._collect(wait=True)
+        return self.seconds
 
 
-class _CheckpointWriter:
-    """Writes checkpoints on a background thread: the epoch loop hands over CPU copies and trains on.
-
-    Each write is atomic (temp file, then rename), so a kill leaves the previous complete checkpoint;
-    with writes far shorter than epochs, at most the epoch in flight is lost. `flush` waits for the
-    queue before a trial is told or handed back, so its retry always finds its newest checkpoint.
-    """
+class PhaseClock:
+    """Seconds of the training thread per phase (compute, bookkeeping, checkpoints, evaluation,
+    store wait, idle): where its wall time goes, for ``benchmarks/overhead.py``."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[dict[str, Any], Path] | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._path_hint: Path | None = None
-        self._thread = threading.Thread(target=self._run, name="tuner-checkpoints", daemon=True)
-        self._thread.start()
+        self.seconds: dict[str, float] = defaultdict(float)
 
-    def put(self, checkpoint: dict[str, Any], path: Path) -> None:
-        self._queue.put((checkpoint, path))
-
-    def flush(self) -> None:
-        self._queue.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise TunerError(f"cannot write a checkpoint under {self._path_hint}: {error}; check the artifact folder")
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            checkpoint, path = item
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_atomic(checkpoint, path)
-            except BaseException as err:  # noqa: BLE001 - reported to the main thread by flush()
-                self._error, self._path_hint = err, path.parent
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
-
-
-@dataclass
-class _Running:
-    trial: optuna.Trial
-    config: TrainConfig
-    key: tuple[Any, ...]
-    slot: int
-    started: float
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
 
 @dataclass
@@ -170,11 +124,26 @@ class WorkerSummary:
     handed_back: int = 0
     resumed: int = 0
     model_epochs: int = 0
+    wall_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # the training thread's seconds per phase
+    threads: dict[str, float] = field(default_factory=dict)  # busy seconds of the other threads
+    checkpoint_files: int = 0
+    checkpoint_bytes: int = 0
+    padding: dict[str, float] = field(default_factory=dict)  # population -> useful / stored floats
+    device_busy_s: float | None = None  # CUDA: the epochs' device time (events around them)
+    device_peak_bytes: int | None = None  # CUDA: the most memory allocated at once
 
     def __str__(self) -> str:
         """The worker's last log line, whichever launcher ran it (tests read its model-epochs)."""
         return (f"{self.complete} complete, {self.pruned} pruned, {self.handed_back} handed back, "
                 f"{self.resumed} resumed, {self.model_epochs} model-epochs")
+
+    def details(self) -> str:
+        """Where the time went and what was written, as one log line."""
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.phases.items(), key=lambda kv: -kv[1]))
+        padding = ", ".join(f"{k}: {v:.0%}" for k, v in self.padding.items())
+        return (f"training thread: {phases} of {self.wall_s:.1f} s; checkpoints: {self.checkpoint_files} files, "
+                f"{self.checkpoint_bytes / 2**20:.1f} MiB; padding efficiency: {padding or '-'}")
 
 
 class Worker:
@@ -183,6 +152,7 @@ class Worker:
     def __init__(
         self, storage_url: str, study_name: str, *, slots: int | None = None, device: str | None = None,
         artifacts: str | Path | None = None, log: Callable[[str], None] = print,
+        memory_probe: MemoryProbe | None = None,
     ) -> None:
         _, spec = load_study(storage_url, study_name)
         # the spec says how often to beat and when a silent trial counts as dead
@@ -195,89 +165,120 @@ class Worker:
         self.url, self.log = storage_url, log
         source = "--device" if device else f"study '{study_name}' workers.device"
         self.device = resolve_device(device or self.spec.workers.device, source=source)
-        self.artifacts = artifacts_root(storage_url, artifacts) / study_name
+        self.study_id = study_key(self.study)
+        self.files = TrialFiles(artifacts_root(storage_url, artifacts) / self.study_id, self.study_id, log)
         self.artifact_store = artifact_store(storage_url, artifacts)  # trial images, for the dashboard
         self.latent_max, self.hidden_max = space.size_bounds(self.spec)
+        self.cadence = Cadence.of(self.spec.checkpoints, strategy.rung_epochs(self.spec))
         self.splits: dict[DataConfig, Splits] = {}
         self.populations: dict[tuple[Any, ...], Population] = {}
-        self.running: dict[tuple[tuple[Any, ...], int], _Running] = {}
+        self.running: dict[tuple[tuple[Any, ...], int], Run] = {}
         # the base data loads here, before any trial is taken: a host without the dataset (or the GPU
         # above) fails with one line instead of failing trials in the store
         base = self._splits(self.spec.base.data)
-        self.slots = slots or auto_slots(self.device, self.spec, base.dim)
+        if memory_probe is None and self.device.type == "cuda":
+            memory_probe = CudaMemory(self.device)
+        self.budget = SlotBudget(
+            slots or auto_slots(self.device, self.spec, base.dim), self.spec.workers.max_slots, memory_probe,
+            adaptive=slots is None and self.spec.workers.slots is None, log=log,
+        )
+        self.precision = resolve_precision(self.spec.workers.precision, self.device)  # recorded on every trial
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.summary = WorkerSummary()
+        self.clock = PhaseClock()
+        self._busy = DeviceBusy(self.device)
         self._stop = threading.Event()
-        # a dead worker's trials are retried within grace + grace/3 s; the check is a query per worker
-        self._stale_check_s = max(_POLL_S * 5, self.spec.workers.grace_period / 3)
         self._deadline = started_at(self.study) + self.spec.budget.timeout if self.spec.budget.timeout else math.inf
+        self._unmeasured: dict[tuple[Any, ...], int] = {}  # new populations -> memory in use before them
+        self._padding: dict[tuple[Any, ...], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._markers: list[int] = []  # the bookkeeper's sequence numbers of epoch ends
+
+    @property
+    def slots(self) -> int:
+        """The most trials this worker trains at once (measured on a GPU, halved on out-of-memory)."""
+        return self.budget.limit
 
     # ------------------------------------------------------------------------------ the loop
     def request_stop(self) -> None:
-        """Finish the epoch in flight, checkpoint and hand back running trials, then return."""
+        """Finish the epoch in flight, checkpoint and hand back held trials, then return."""
         self._stop.set()
 
     def run(self) -> WorkerSummary:
         self.log(
             f"worker {self.worker_id}: study '{self.study.study_name}' in {mask_url(self.url)}, "
-            f"device {self.device}, {self.slots} slot(s)"
+            f"device {self.device}, {self.slots} slot(s), precision {self.precision}"
         )
-        last_stale_check = 0.0
-        self._checkpoints = _CheckpointWriter()
-        with _Heartbeats(self.storage) as self._heartbeats:
-            while True:
-                if time.monotonic() - last_stale_check > self._stale_check_s:
-                    # retries the trials of workers that died; FAIL and its retry's enqueue are two
-                    # transactions: under the budget lock no worker counts the study in between
-                    with budget_lock(self.storage, self.study.study_name):
-                        fail_stale_trials(self.study)
-                    last_stale_check = time.monotonic()
-                if not self._stop.is_set():
-                    self._fill()
-                if self._stop.is_set():
-                    self._hand_back()
-                    break
-                if self.running:
-                    self._epoch()
-                elif self._budget_met():
-                    break
-                else:
-                    time.sleep(_POLL_S)  # other workers hold the last trials: retry them if they die
-        self._checkpoints.flush()
-        self._checkpoints.close()
+        started = time.perf_counter()
+        self._writer = CheckpointWriter(max_pending=_PENDING_CHECKPOINTS)
+        try:
+            with Heartbeats(self.storage) as heartbeats:
+                ctx = Context(
+                    study=self.study, spec=self.spec, files=self.files, writer=self._writer, heartbeats=heartbeats,
+                    log=self.log, worker_id=self.worker_id, device=str(self.device), precision=self.precision,
+                    deadline=self._deadline, summary=self.summary, artifact_store=self.artifact_store,
+                )
+                self._bk = Bookkeeper(ctx)
+                self._ev = Evaluator(self.spec, self._bk, self.device, self.log, inline=self.slots == 1)
+                with self._bk, self._ev:
+                    self._loop()
+            self._writer.flush()
+        finally:
+            self._writer.close()
+            self._summarize(time.perf_counter() - started)
         return self.summary
 
-    def _budget_met(self) -> bool:
-        return time.time() > self._deadline or study_counts(self.study).finished >= self.spec.budget.trials
-
-    def _may_ask(self) -> bool:
-        if time.time() > self._deadline:
-            return False
-        counts = study_counts(self.study)
-        return counts.waiting > 0 or counts.finished + counts.running < self.spec.budget.trials
+    def _loop(self) -> None:
+        """Let go of pruned trials, place asked ones, train an epoch; until the budget is met."""
+        while True:
+            self._bk.raise_failure()
+            self._ev.raise_failure()
+            if self._stop.is_set():
+                self._hand_back("stopped")
+                return
+            version = self._bk.version
+            with self.clock("bookkeeping"):
+                self._let_go(self._bk.decisions())
+                self._fill()
+            if self.running:
+                self._epoch()
+            elif self._ev.pending == 0 and self._bk.finished():
+                return
+            else:  # no trial yet, the last one being told, or other workers hold the study's last trials
+                with self.clock("idle"):
+                    self._bk.wait_for_work(version, _POLL_S)
 
     def _fill(self) -> None:
-        """Refill free slots with new (or retried) trials while the budget allows."""
-        while len(self.running) < self.slots:
-            with budget_lock(self.storage, self.study.study_name):  # no two workers ask for the last trial
-                if not self._may_ask():
-                    break
-                trial = self.study.ask()
-            # beat at once: a trial without any heartbeat never goes stale, so a worker dying
-            # before its first beat would leave the trial RUNNING forever
-            self._heartbeats.add(trial._trial_id)
+        """Place asked trials in free slots, then tell the bookkeeper how many more to ask ahead.
+
+        A one-slot worker keeps Optuna's sequential semantics: it asks a trial only once the last
+        one is told, so the sampler and the pruner (median, percentile: they compare with complete
+        trials) see every trial before the next. With more slots trials overlap anyway, so asks run
+        ahead: a freed slot is refilled at the next epoch without a round trip."""
+        if self.slots == 1 and (self.running or self._ev.pending or not self._bk.idle()):
+            self._bk.set_demand(0)
+            return
+        runs = self._bk.take_ready(self.slots - len(self.running))
+        coming = Counter(self._key(run.config) for run in runs)
+        for i, run in enumerate(runs):
+            key = self._key(run.config)
             try:
-                self._start(trial)
-            except TunerError as err:
-                if isinstance(err, StorageUnavailableError):
-                    raise  # the store is gone: nothing can be written to it
-                # a config this host cannot train (data missing here, batch larger than the split...)
-                trial.set_user_attr("error", str(err))
-                self.study.tell(trial, state=TrialState.FAIL)
-                self._heartbeats.discard(trial._trial_id)
-                self.summary.failed += 1
-                self.log(f"trial {trial.number} failed: {err}")
-                raise
+                pop = self._population_for(key, run.config, coming[key])
+            except torch.OutOfMemoryError:
+                self._out_of_memory(None)
+                self._bk.put_back(runs[i:])
+                return
+            except TunerError as err:  # a host without this trial's data: fail it, stop with one line
+                self._fail(run, err)
+            coming[key] -= 1
+            self._start(run, key, pop)
+        ahead = 0 if self.slots == 1 else max(1, self.slots // 8)  # asked before a slot frees
+        self._bk.set_demand(self.slots - len(self.running) + ahead)
+
+    def _fail(self, run: Run, err: TunerError) -> None:
+        """A trial this host cannot train: told FAIL, then the worker stops with the one-line error."""
+        self._bk.submit(self._bk.fail, run, str(err))
+        self._bk.drain()
+        raise err
 
     # ----------------------------------------------------------------------------- a trial
     def _splits(self, data: DataConfig) -> Splits:
@@ -285,179 +286,254 @@ class Worker:
             self.splits[data] = load_splits(data, 1, self.device)
         return self.splits[data]
 
-    def _population(self, config: TrainConfig) -> tuple[tuple[Any, ...], Population]:
-        """The population this config trains in. With one slot it is sized to the config exactly:
-        padding to the space's maxima buys nothing there and cost +35% epoch time on CPU."""
-        key: tuple[Any, ...] = (PopulationShape.of(config), config.data)
-        latent, hidden = self.latent_max, self.hidden_max
-        if self.slots == 1:
-            latent, hidden = latent_size(config), config.model.hidden
-            key += (latent, hidden)
-            for idle in [k for k, pop in self.populations.items() if k != key and not pop.running()]:
-                del self.populations[idle]  # one trial at a time: drop populations of finished sizes
-        if key not in self.populations:
-            self.populations[key] = Population(
-                key[0], self._splits(config.data), slots=self.slots, latent_max=latent,
-                hidden_max=hidden, device=self.device,
+    def _key(self, config: TrainConfig) -> tuple[Any, ...]:
+        """The population a config trains in: its shape, data and size bucket (exact sizes when the
+        worker trains one trial at a time: padding buys nothing there and cost +35% epoch time on CPU)."""
+        latent, hidden = latent_size(config), config.model.hidden
+        if self.slots > 1:
+            latent, hidden = bucket(latent, self.latent_max), bucket(hidden, self.hidden_max)
+        return (PopulationShape.of(config), config.data, latent, hidden)
+
+    def _population_for(self, key: tuple[Any, ...], config: TrainConfig, coming: int) -> Population:
+        """The population for ``key`` with a free slot: made, or grown to hold ``coming`` more
+        trials (capacities are powers of two, within the slot budget)."""
+        pop = self.populations.get(key)
+        elsewhere = len(self.running) - (len(pop.running()) if pop else 0)
+        room = max(1, self.slots - elsewhere)
+        if pop is None:
+            splits = self._splits(config.data)  # a host without this data fails here (TunerError)
+            self._unmeasured[key] = self.budget.baseline()
+            pop = self.populations[key] = Population(
+                key[0], splits, slots=min(next_pow2(coming), room), latent_max=key[2], hidden_max=key[3],
+                device=self.device, precision=self.precision, cuda_graph=self.spec.workers.cuda_graph,
             )
-        return key, self.populations[key]
+            self._log_population(key, pop, "new")
+        elif not self._free_slots(pop):
+            pop = self._resize(key, pop, min(next_pow2(len(pop.running()) + coming), max(room, pop.slots + 1)))
+        return pop
 
-    def _checkpoint_path(self, number: int) -> Path:
-        return self.artifacts / str(number) / "checkpoint.pt"
+    @staticmethod
+    def _free_slots(pop: Population) -> list[int]:
+        return [s for s, st in enumerate(pop.state) if st.status == "empty"]
 
-    def _start(self, trial: optuna.Trial) -> None:
-        params = space.sample(trial, self.spec)
-        seed = int(trial.user_attrs.get("seed", self.spec.base.seed + trial.number))
-        config = self.spec.train_config(params, seed)
-        splits = self._splits(config.data)
-        if splits.train.shape[0] < config.optim.batch_size:
-            raise TunerError(
-                f"optim.batch_size {config.optim.batch_size} is larger than the {splits.train.shape[0]}-example "
+    def _start(self, run: Run, key: tuple[Any, ...], pop: Population) -> None:
+        """Put a trial in a free slot: fresh weights, or its retried checkpoint."""
+        config = run.config
+        if pop.splits.train.shape[0] < config.optim.batch_size:
+            self._fail(run, TunerError(
+                f"optim.batch_size {config.optim.batch_size} is larger than the {pop.splits.train.shape[0]}-example "
                 "train split; lower the space's batch sizes"
-            )
-        key, pop = self._population(config)
-        slot = next(s for s in range(pop.slots) if (key, s) not in self.running)
-        history = self.storage.get_trial(trial._trial_id).system_attrs.get("retry_history", [])
-        resumed = next((n for n in reversed(history) if self._checkpoint_path(n).is_file()), None)
-        if resumed is not None:
-            ckpt = torch.load(self._checkpoint_path(resumed), map_location="cpu", weights_only=True)
-            pop.load_slot_checkpoint(slot, ckpt)
+            ))
+        slot = self._free_slots(pop)[0]
+        if run.resume is not None:
+            pop.load_slot_checkpoint(slot, run.resume)
+            run.resume = None  # loaded: the host copy is not kept
+            run.saved_epoch = pop.state[slot].epoch
             self.summary.resumed += 1
         else:
             pop.assign(slot, config)
-        set_trial_attrs(trial, {"seed": seed, "worker": self.worker_id, "device": str(self.device),
-                                "config": config.model_dump(mode="json")})
-        run = self.running[(key, slot)] = _Running(trial, config, key, slot, time.time())
-        self.log(f"trial {trial.number} started" + (f" (resumed from trial {resumed}, epoch {pop.state[slot].epoch})"
-                                                     if resumed is not None else ""))
-        # killed after its last epoch's checkpoint, before it was told: no epoch is left to run,
-        # only its ending (the loop trains running slots only, so it would wait on it forever)
-        if pop.state[slot].status == "finished":
-            self._complete(run, pop)
-        elif pop.state[slot].status == "stopped":
-            self._end(run, pop, TrialState.PRUNED, reason=pop.state[slot].reason)
+        run.key, run.slot, run.started, run.saved_at = key, slot, time.time(), time.monotonic()
+        self.running[(key, slot)] = run
+        self._bk.submit(self._bk.started, run, _describe(key))
+        # a retry of a trial killed after its last epoch's checkpoint, before it was told: no epoch is
+        # left to run, only its ending (the loop trains running slots only)
+        state = pop.state[slot]
+        if state.status == "finished":
+            self._finish(pop, [run])
+        elif state.status == "stopped":
+            self._bk.submit(self._bk.end, run, TrialState.PRUNED, state.reason)
+            self._release(run)
 
     def _epoch(self) -> None:
-        """One epoch of every population with running trials; report, prune, finish, checkpoint."""
-        for key, pop in self.populations.items():
+        """One epoch of every population with running trials, and what it hands on."""
+        for key, pop in list(self.populations.items()):
             if not pop.running():
                 continue
-            for r in pop.run_epoch():
-                run = self.running[(key, r.slot)]
-                self.summary.model_epochs += 1
-                try:
-                    self._after_epoch(run, pop, r)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    # another worker failed it as stale (our beats missed the grace period, e.g. in a
-                    # long store outage) and queued a retry that resumes from its checkpoint: let go
-                    self._release(run, pop)
-                    self.log(f"trial {run.trial.number} was failed as stale by another worker; its retry "
-                             "resumes from the checkpoint")
+            self._account_padding(key, pop)
+            try:
+                with self.clock("compute"), self._busy():
+                    results = pop.run_epoch()
+            except torch.OutOfMemoryError:
+                self._out_of_memory(key)
+                continue
+            if key in self._unmeasured:
+                self.budget.measure(self._unmeasured.pop(key), pop.slots, len(self.running))
+            with self.clock("bookkeeping"):
+                finished = self._hand_on(key, results)
+            with self.clock("checkpoints"):
+                self._checkpoint_due(key, pop, results)
+            if finished:
+                with self.clock("evaluation"):
+                    self._finish(pop, finished)
+        with self.clock("bookkeeping"):
+            self._resize_all()
+            self._markers = [*self._markers[-1:], self._bk.submit(_epoch_end)]
+        if len(self._markers) == 2:  # epoch n's reports are done before epoch n + 2 starts
+            with self.clock("store wait"):
+                self._bk.wait_processed(self._markers[0])
 
-    def _after_epoch(self, run: _Running, pop: Population, r: EpochResult) -> None:
-        """Report a trial's epoch, checkpoint it, then end it if it finished, stopped or is pruned."""
-        # report, then checkpoint: a kill in between re-trains this epoch on resume, and the
-        # counter-based noise makes that epoch's numbers the same as the ones reported
-        if math.isfinite(r.val_neg_elbo) and self.spec.objective != "multi":
-            run.trial.report(r.val_neg_elbo, r.epoch)  # (Optuna has no report for multi-objective)
-        self._checkpoints.put(pop.slot_checkpoint(r.slot), self._checkpoint_path(run.trial.number))
-        if r.status == "stopped":
-            self._end(run, pop, TrialState.PRUNED, reason=r.reason)
-        elif r.status == "finished":
-            self._complete(run, pop)
-        elif self.spec.objective != "multi" and run.trial.should_prune():
-            reason = f"pruned at epoch {r.epoch} by {self.spec.pruner.name}: val -ELBO {r.val_neg_elbo:.2f}"
-            self._end(run, pop, TrialState.PRUNED, reason=reason)
+    def _hand_on(self, key: tuple[Any, ...], results: list[EpochResult]) -> list[Run]:
+        """Each slot's epoch to the bookkeeper; returns the trials that finished (for the evaluator)."""
+        finished = []
+        for r in results:
+            run = self.running[(key, r.slot)]
+            self.summary.model_epochs += 1
+            self._bk.submit(self._bk.epoch, run, r)  # reports; ends a diverged (stopped) trial
+            if r.status == "stopped":
+                self._release(run)
+            elif r.status == "finished":
+                finished.append(run)
+        return finished
 
-    def _complete(self, run: _Running, pop: Population) -> None:
-        state = pop.state[run.slot]
-        model = pop.slot_model(run.slot, best=run.config.train.restore_best and state.best_epoch > 0)
-        splits, k, seed = pop.splits, run.config.train.iwae_k, run.config.seed
-        val = metrics.evaluate(model, splits.val, k=k, seed=seed).slot(0)
-        test = metrics.evaluate(model, splits.test, k=k, seed=seed).slot(0)
-        attrs: dict[str, Any] = dict(val)
-        attrs.update({f"test_{name}": test[name] for name in ("iwae_nll", "neg_elbo", "recon", "kl", "active_units")})
-        attrs.update(gaps.trial_gaps(model, splits.test, run.config))  # amortization/approximation gaps, test split
-        attrs.update(best_epoch=state.best_epoch, best_val_neg_elbo=state.best_val, epochs=state.epoch,
-                     end_reason=state.reason)
-        if self.spec.objective == "iwae_nll":
-            values: list[float] = [val["iwae_nll"]]
-        elif self.spec.objective == "neg_elbo":
-            values = [state.best_val]
-        else:
-            values = [val["iwae_nll"], val["inactive_fraction"]]
-        if not all(math.isfinite(v) for v in values):
-            self._end(run, pop, TrialState.PRUNED, reason=f"non-finite objective {values}")
-            return
-        # the images' and the collapse constraint's system attrs go with the user attrs, before tell
-        system = self._save_images(run, model, splits, values, attrs)
-        system.update(strategy.collapse_constraint_attrs(attrs["collapsed"]))  # the sampler avoids collapse
-        self._end(run, pop, TrialState.COMPLETE, values=values, attrs=attrs, system=system)
+    def _checkpoint_due(self, key: tuple[Any, ...], pop: Population, results: list[EpochResult]) -> None:
+        """Snapshots of the running trials whose cadence is due, to the writer."""
+        now = time.monotonic()
+        for r in results:
+            if r.status != "running":
+                continue
+            run = self.running[(key, r.slot)]
+            if self.cadence.due(r.epoch, run.saved_epoch, run.saved_at, now):
+                self._writer.put(snapshot(pop, r.slot), self.files.path(run.number), **run.stamp)
+                run.saved_epoch, run.saved_at = r.epoch, now
 
-    def _save_images(
-        self, run: _Running, model: VAE, splits: Splits, values: list[float], attrs: dict[str, Any]
-    ) -> dict[str, str]:
-        """Reconstructions and samples on the val split, plus a traversal for a new best, as
-        artifacts: returns the system attrs that attach them to the trial.
+    def _finish(self, pop: Population, runs: list[Run]) -> None:
+        """Finished slots to the evaluator, as one model of their weights to score; slots freed."""
+        slots = [run.slot for run in runs]
+        keep = self.spec.checkpoints.keep_top > 0
+        ends = [{"best_epoch": pop.state[s].best_epoch, "best_val_neg_elbo": pop.state[s].best_val,
+                 "epochs": pop.state[s].epoch, "end_reason": pop.state[s].reason} for s in slots]
+        batch = Finished(runs, pop.finished_model(slots), ends, [snapshot(pop, s) if keep else None for s in slots],
+                         pop.splits, pop.model_factory())
+        if self.device.type == "cuda":
+            batch.copied = torch.cuda.Event()
+            batch.copied.record()
+        self._ev.put(batch)
+        for run in runs:
+            self._release(run)
 
-        An image never costs a trained trial: any error (a full disk, an unreachable store) is kept
-        in the user attr ``artifact_error`` (added to ``attrs``) and logged, and the trial completes
-        all the same.
-        """
-        try:
-            images = render_images(model, splits.val, splits.image_shape, run.config.seed,
-                                   traversal=beats_best(self.study, values, feasible=not attrs["collapsed"]))
-            return save_images(images, self.artifact_store)
-        except Exception as err:  # noqa: BLE001 - stores are plug-ins (file system, S3...) with their own errors
-            attrs["artifact_error"] = f"{type(err).__name__}: {err}"
-            self.log(f"trial {run.trial.number}: images not stored ({type(err).__name__}: {err})")
-            return {}
-
-    def _end(
-        self, run: _Running, pop: Population, state: TrialState, *, values: list[float] | None = None,
-        reason: str | None = None, attrs: dict[str, Any] | None = None, system: dict[str, Any] | None = None,
-    ) -> None:
-        trial, elapsed = run.trial, time.time() - run.started
-        attrs = dict(attrs or {})
-        config_yaml = config_to_yaml(run.config)
-        attrs.update(wall_s=round(elapsed, 3), config_hash=hashlib.sha256(config_yaml.encode()).hexdigest()[:16],
-                     versions={"tuner": __version__, "torch": torch.__version__, "optuna": optuna.__version__})
-        if reason is not None:
-            attrs["prune_reason"] = reason
-        if self.spec.objective == "multi":  # no intermediate values there: keep the curve here
-            attrs["val_neg_elbo_curve"] = [row["val_neg_elbo"] for row in pop.state[run.slot].history]
-        set_trial_attrs(trial, attrs, system)  # one transaction, not one per attr
-        self._checkpoints.flush()  # the trial's final checkpoint is on disk before it is told
-        self.study.tell(trial, values, state=state)
-        self._release(run, pop)
-        if state == TrialState.COMPLETE:
-            self.summary.complete += 1
-            self.log(f"trial {trial.number} complete: {values} ({pop.state[run.slot].epoch} epochs, {elapsed:.1f} s)")
-        else:
-            self.summary.pruned += 1
-            self.log(f"trial {trial.number} pruned: {reason}")
-
-    def _release(self, run: _Running, pop: Population) -> None:
-        pop.release(run.slot)
-        self._heartbeats.discard(run.trial._trial_id)
+    def _release(self, run: Run) -> None:
+        self.populations[run.key].release(run.slot)
         del self.running[(run.key, run.slot)]
 
-    def _hand_back(self) -> None:
-        """Stop cleanly: every running trial is failed and re-enqueued; its checkpoint resumes it."""
-        retry = self.storage.get_heartbeat_stale_trial_callback()
+    def _let_go(self, decisions: list[tuple[Run, bool]]) -> None:
+        """Trials the bookkeeper ended leave their slots; one that another worker failed as stale
+        leaves its newest state on disk first, for its retry."""
+        for run, stale in decisions:
+            held = self.running.get((run.key, run.slot)) is run
+            if stale:
+                if held and self.populations[run.key].state[run.slot].epoch > 0:
+                    snap = snapshot(self.populations[run.key], run.slot)
+                    self._writer.put(snap, self.files.path(run.number), **run.stamp)
+                self._bk.submit(self._bk.saved_for_retry, run)
+            if held:
+                self._release(run)
+
+    # -------------------------------------------------------------------------- populations
+    def _resize(self, key: tuple[Any, ...], pop: Population, capacity: int) -> Population:
+        """Move a population's running slots into one of ``capacity`` slots (grown or shrunk)."""
+        self._unmeasured[key] = self.budget.baseline()
+        new, moved = pop.resized(capacity)
+        self.populations[key] = new
+        for old_slot, new_slot in moved.items():
+            run = self.running.pop((key, old_slot))
+            run.slot = new_slot
+            self.running[(key, new_slot)] = run
+        self._log_population(key, new, f"resized from {pop.slots}")
+        return new
+
+    def _resize_all(self) -> None:
+        """Drop populations with no trial, halve those running a quarter of their slots or fewer."""
+        for key, pop in list(self.populations.items()):
+            n = len(pop.running())
+            if n == 0:
+                del self.populations[key]
+                self._unmeasured.pop(key, None)
+            elif pop.slots >= 4 and n <= pop.slots // 4:
+                self._resize(key, pop, pop.slots // 2)
+
+    def _out_of_memory(self, key: tuple[Any, ...] | None) -> None:
+        """Halve the slot budget; hand back the trials that no longer fit (or, when the failed epoch
+        had already updated weights, every trial of that population: their last checkpoints are
+        consistent, their slots are not); log one line; go on."""
+        before, limit = self.slots, self.budget.halve()
+        evicted: list[Run] = []
+        if key is not None:
+            pop = self.populations[key]
+            runs = sorted((r for r in self.running.values() if r.key == key), key=lambda r: r.slot)
+            clean = pop.steps_done == 0  # the epoch failed before its first update
+            room = max(0, limit - (len(self.running) - len(runs)))
+            keep = runs[:room] if clean else []
+            evicted = runs[len(keep):]
+            for run in evicted:
+                state = pop.state[run.slot]
+                snap = self._try_snapshot(pop, run.slot) if clean and state.epoch > 0 else None
+                self._bk.submit(self._bk.hand_back, run, snap, state.epoch, "ran out of device memory")
+                self._release(run)
+            if keep:
+                self._resize(key, pop, next_pow2(len(keep)))
+            else:
+                del self.populations[key]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.log(f"out of device memory: slots {before} -> {limit}, {len(evicted)} trial(s) handed back")
+
+    @staticmethod
+    def _try_snapshot(pop: Population, slot: int) -> Any:
+        try:
+            return snapshot(pop, slot)
+        except torch.OutOfMemoryError:
+            return None  # resumed from its last checkpoint on disk instead
+
+    def _account_padding(self, key: tuple[Any, ...], pop: Population) -> None:
+        """Floats the epoch about to run trains for its trials, against the floats it moves."""
+        useful = sum(true_size(pop, s) for s in pop.running())
+        acc = self._padding[key]
+        acc[0] += useful
+        acc[1] += pop.slots * pop.flat.shape[1]
+
+    def _log_population(self, key: tuple[Any, ...], pop: Population, what: str) -> None:
+        self.log(f"population {_describe(key)}: {what}, {pop.slots} slot(s)")
+
+    # ------------------------------------------------------------------------------- the end
+    def _hand_back(self, why: str) -> None:
+        """Stop cleanly: finished trials are scored and told; every held trial is checkpointed,
+        failed and re-enqueued (its retry resumes from the checkpoint)."""
+        self._ev.drain()
+        self._bk.drain()
         for run in list(self.running.values()):
             pop = self.populations[run.key]
-            self._checkpoints.flush()  # the newest checkpoint is on disk: the retry resumes from it
-            path = self._checkpoint_path(run.trial.number)
-            if pop.state[run.slot].epoch > 0 and not path.is_file():
-                self._checkpoints.put(pop.slot_checkpoint(run.slot), path)
-                self._checkpoints.flush()
-            run.trial.set_user_attr("handed_back", f"worker {self.worker_id} stopped at epoch {pop.state[run.slot].epoch}")
-            with budget_lock(self.storage, self.study.study_name):  # FAIL and its retry, counted together
-                frozen = self.study.tell(run.trial, state=TrialState.FAIL)
-                if retry is not None:
-                    retry(self.study, frozen)
-            self._release(run, pop)
-            self.summary.handed_back += 1
-            self.log(f"trial {run.trial.number} handed back at epoch {pop.state[run.slot].epoch}")
+            state = pop.state[run.slot]
+            snap = snapshot(pop, run.slot) if state.epoch > 0 else None
+            self._bk.submit(self._bk.hand_back, run, snap, state.epoch, why)
+            self._release(run)
+        for run in self._bk.held():  # asked ahead, never placed
+            self._bk.submit(self._bk.hand_back, run, None, run.resumed_epoch, why)
+        self._bk.drain()
 
+    def _summarize(self, wall: float) -> None:
+        s = self.summary
+        s.wall_s = wall
+        s.phases = dict(self.clock.seconds)
+        s.checkpoint_files, s.checkpoint_bytes = self._writer.stats.files, self._writer.stats.bytes
+        s.threads = {"writer": self._writer.stats.seconds}
+        if hasattr(self, "_bk"):
+            s.threads.update(bookkeeper=self._bk.store_s, evaluator=self._ev.seconds)
+        s.padding = {_describe(k): u / max(t, 1.0) for k, (u, t) in self._padding.items()}
+        if self.device.type == "cuda":
+            s.device_busy_s = self._busy.total()
+            s.device_peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        if os.environ.get(SUMMARY_ENV):  # benchmarks read a worker's summary from a file
+            folder = Path(os.environ[SUMMARY_ENV])
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / f"worker-{os.getpid()}.json", json.dumps(dataclasses.asdict(s), indent=1))
+
+
+def _describe(key: tuple[Any, ...]) -> str:
+    """A population key in words (a trial's ``population`` attr; log lines)."""
+    shape, _, latent, hidden = key
+    return (f"{shape.arch} depth {shape.depth} batch {shape.batch_size} {shape.optimizer} "
+            f"{shape.posterior}/{shape.prior}/{shape.hierarchy} latent<={latent} hidden<={hidden}")
+
+
+def _epoch_end() -> None:
+    """A marker in the bookkeeper's queue: everything an epoch queued before it is done."""
