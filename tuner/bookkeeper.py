@@ -37,6 +37,7 @@ from tuner import __version__, space, strategy
 from tuner.attrs import set_trial_attrs
 from tuner.budget_lock import budget_lock
 from tuner.checkpoints import TrialFiles, config_hash, rank_key
+from tuner.heartbeats import Heartbeats
 from tuner.study import study_counts
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from tuner.spec import TrainConfig
     from tuner.study_spec import StudySpec
 
-__all__ = ["Bookkeeper", "Heartbeats", "Run"]
+__all__ = ["Bookkeeper", "Context", "Run"]
 
 # ask/tell with a heartbeat storage is what Optuna's own optimize() does internally; its warnings
 # about it (and about the experimental stale-trial check) would repeat on every trial
@@ -82,43 +83,6 @@ class Run:
     @property
     def number(self) -> int:
         return self.trial.number
-
-
-class Heartbeats:
-    """One thread recording heartbeats for every trial this worker holds (epochs may be long)."""
-
-    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
-        self._storage, self._ids, self._lock = storage, set(), threading.Lock()
-        self._stop = threading.Event()
-        self._interval = storage.get_heartbeat_interval() or 60
-        self._thread = threading.Thread(target=self._run, name="tuner-heartbeat", daemon=True)
-
-    def __enter__(self) -> Heartbeats:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def add(self, trial_id: int) -> None:
-        with self._lock:
-            self._ids.add(trial_id)
-        self._storage.record_heartbeat(trial_id)
-
-    def discard(self, trial_id: int) -> None:
-        with self._lock:
-            self._ids.discard(trial_id)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            with self._lock:
-                ids = list(self._ids)
-            for trial_id in ids:
-                try:
-                    self._storage.record_heartbeat(trial_id)
-                except Exception:  # noqa: BLE001 - a missed beat is retried next interval; the grace period covers it
-                    pass
 
 
 @dataclass

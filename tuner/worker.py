@@ -25,7 +25,6 @@ worker asks next resumes a copy from the dead trial's last checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -34,8 +33,7 @@ import socket
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,8 @@ from optuna.trial import TrialState
 from tuner import space, strategy
 from tuner.artifacts import artifact_store, artifacts_root
 from tuner.atomic import write_atomic
-from tuner.bookkeeper import Bookkeeper, Context, Heartbeats, Run
+from tuner.bookkeeper import Bookkeeper, Context, Run
+from tuner.heartbeats import Heartbeats
 from tuner.checkpoints import Cadence, CheckpointWriter, TrialFiles
 from tuner.data import Splits, load_splits
 from tuner.engine import EpochResult, Population, PopulationShape, latent_size, resolve_precision
@@ -57,93 +56,13 @@ from tuner.spec import DataConfig, TrainConfig
 from tuner.storage import mask_url, open_storage
 from tuner.study import load_study, started_at, study_key
 from tuner.train import resolve_device
+from tuner.worker_stats import DeviceBusy, PhaseClock, WorkerSummary
 
 __all__ = ["Worker", "WorkerSummary", "auto_slots"]
 
 _POLL_S = 1.0  # idle wait while other workers run the study's last trials
 SUMMARY_ENV = "TUNER_WORKER_SUMMARY"  # a folder: each worker writes its WorkerSummary there as JSON
 _PENDING_CHECKPOINTS = 16  # snapshots waiting for the disk before the training thread waits too
-
-
-class DeviceBusy:
-    """How long the device computed the epochs: CUDA events around each population's epoch, read
-    when done (no host sync on the way); the busy fraction is their sum over the wall. A null
-    object on the CPU (the training thread's compute phase says it there)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds = 0.0
-        self._pending: list[tuple[Any, Any]] = []
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        if not self.cuda:
-            yield
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        try:
-            yield
-        finally:
-            end.record()
-            self._pending.append((start, end))
-            self._collect(wait=False)
-
-    def _collect(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0][1].query()):
-            start, end = self._pending.pop(0)
-            end.synchronize()
-            self.seconds += start.elapsed_time(end) / 1000.0
-
-    def total(self) -> float:
-        self._collect(wait=True)
-        return self.seconds
-
-
-class PhaseClock:
-    """Seconds of the training thread per phase (compute, bookkeeping, checkpoints, evaluation,
-    store wait, idle): where its wall time goes, for ``benchmarks/overhead.py``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - start
-
-
-@dataclass
-class WorkerSummary:
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    handed_back: int = 0
-    resumed: int = 0
-    model_epochs: int = 0
-    wall_s: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)  # the training thread's seconds per phase
-    threads: dict[str, float] = field(default_factory=dict)  # busy seconds of the other threads
-    checkpoint_files: int = 0
-    checkpoint_bytes: int = 0
-    padding: dict[str, float] = field(default_factory=dict)  # population -> useful / stored floats
-    device_busy_s: float | None = None  # CUDA: the epochs' device time (events around them)
-    device_peak_bytes: int | None = None  # CUDA: the most memory allocated at once
-
-    def __str__(self) -> str:
-        """The worker's last log line, whichever launcher ran it (tests read its model-epochs)."""
-        return (f"{self.complete} complete, {self.pruned} pruned, {self.handed_back} handed back, "
-                f"{self.resumed} resumed, {self.model_epochs} model-epochs")
-
-    def details(self) -> str:
-        """Where the time went and what was written, as one log line."""
-        phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.phases.items(), key=lambda kv: -kv[1]))
-        padding = ", ".join(f"{k}: {v:.0%}" for k, v in self.padding.items())
-        return (f"training thread: {phases} of {self.wall_s:.1f} s; checkpoints: {self.checkpoint_files} files, "
-                f"{self.checkpoint_bytes / 2**20:.1f} MiB; padding efficiency: {padding or '-'}")
 
 
 class Worker:
