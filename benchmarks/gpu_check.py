@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput  # noqa: E402  (benchmarks/throughput.py: the plain loop, the data, the configs)
-from tuner.engine import Population  # noqa: E402
+
+from tuner.vae.engine import Population  # noqa: E402
 
 SIZES = (1, 8, 32, 128, 512)
 SHAPES = {"benchmark z16 h512": (16, 512), "gpu.yaml largest z64 h1024": (64, 1024)}
@@ -149,7 +150,7 @@ def end_to_end(device: torch.device, minutes: float, quick: bool, tmp: Path) -> 
     try:
         import yaml  # noqa: F401  (the slim worker set: without it there is no tuner run)
 
-        from tuner.study_spec import load_study_spec, study_spec_to_yaml
+        from tuner.study.spec import load_study_spec, study_spec_to_yaml
     except ImportError as err:
         return {"skipped": f"{err}; carry the wheels the README lists"}
     spec = load_study_spec(ROOT / "studies" / "gpu.yaml").model_dump(mode="json")
@@ -165,7 +166,7 @@ def end_to_end(device: torch.device, minutes: float, quick: bool, tmp: Path) -> 
         spec["workers"].update(slots=2)
         spec["sampler"]["n_startup_trials"] = 4
     path = tmp / "gpu-check.yaml"
-    from tuner.study_spec import parse_study_spec
+    from tuner.study.spec import parse_study_spec
 
     path.write_text(study_spec_to_yaml(parse_study_spec(spec)))
     summaries = tmp / "summaries"

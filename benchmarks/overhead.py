@@ -50,11 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stores import store  # noqa: E402  (benchmarks/stores.py, beside this script)
-from tuner import gaps, metrics  # noqa: E402
-from tuner.data import Splits, load_splits  # noqa: E402
-from tuner.engine import Population  # noqa: E402
+
 from tuner.spec import DataConfig, TrainConfig, parse_config  # noqa: E402
-from tuner.study import CREATED_ATTR  # noqa: E402
+from tuner.study.open import CREATED_ATTR  # noqa: E402
+from tuner.vae import gaps, metrics  # noqa: E402
+from tuner.vae.data import Splits, load_splits  # noqa: E402
+from tuner.vae.engine import Population  # noqa: E402
 
 BOOK_TARGET = 0.01  # the training thread's bookkeeping as a fraction of its wall time
 
@@ -170,7 +171,7 @@ class Split:
     """One in-process worker run: the training thread's seconds per phase and what was written."""
 
     slots: int
-    summary: Any  # tuner.worker.WorkerSummary
+    summary: Any  # tuner.study.worker.WorkerSummary
 
     def share(self, *phases: str) -> float:
         return sum(self.summary.phases.get(p, 0.0) for p in phases) / self.summary.wall_s
@@ -185,9 +186,9 @@ class Split:
 
 def timed_worker(spec: dict[str, Any], url: str, tmp: Path, slots: int) -> Split:
     """Create the study and run its worker in this process with ``slots`` slots."""
-    from tuner.study import create_or_resume
-    from tuner.study_spec import parse_study_spec
-    from tuner.worker import Worker
+    from tuner.study.open import create_or_resume
+    from tuner.study.spec import parse_study_spec
+    from tuner.study.worker import Worker
 
     spec = {**spec, "study": f"{spec['study']}-{slots}", "workers": {**spec["workers"], "slots": slots}}
     create_or_resume(parse_study_spec({**spec, "storage": url}), url)

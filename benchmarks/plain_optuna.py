@@ -6,7 +6,7 @@ Plain: the textbook setup. ``optuna.create_study(sampler=TPESampler(seed), prune
 on a SQLite file and `workers` processes (this script in ``--plain-worker`` mode), each calling
 ``study.optimize(objective, timeout=...)`` with one torch thread. The objective builds an
 nn.Module MLP VAE from the sampled latent/hidden/lr/beta/KL warmup, trains it with a DataLoader
-over the mnist5k train split (``tuner.data.load_splits`` with the default DataConfig, so the split
+over the mnist5k train split (``tuner.vae.data.load_splits`` with the default DataConfig, so the split
 is the tuner's) and dynamic binarization (torch.bernoulli), reports the validation -ELBO each epoch
 (``trial.report`` / ``should_prune``) and returns the validation IWAE NLL (K=50) of its last
 weights, computed by the small direct implementation below (nothing from tuner's engine).
@@ -38,8 +38,8 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuner.data import load_splits  # noqa: E402
 from tuner.spec import DataConfig  # noqa: E402
+from tuner.vae.data import load_splits  # noqa: E402
 
 # the one search space, written for both sides (the tuner's YAML below mirrors these suggest calls)
 LATENT = (4, 32)  # int, log

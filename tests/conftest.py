@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tuner.data import load_array, load_splits
 from tuner.spec import TrainConfig, parse_config
+from tuner.vae.data import load_array, load_splits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the throw-away stores
 from stores import postgres_url  # noqa: E402  (benchmarks/stores.py)

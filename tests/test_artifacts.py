@@ -18,27 +18,20 @@ import yaml
 from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 from PIL import Image
-
 from test_worker import study_yaml
-from tuner.artifacts import (
-    IMAGE_NAMES,
-    ImagesUnavailable,
-    artifact_store,
-    artifacts_root,
-    beats_best,
-    render_images,
-    save_images,
-    traversal_dims,
-    trial_images,
-)
-from tuner.attrs import set_trial_attrs
-from tuner.data import load_splits
-from tuner.engine import Population, PopulationShape
+
 from tuner.errors import TunerError
 from tuner.spec import parse_config
-from tuner.study import create_or_resume
-from tuner.study_spec import parse_study_spec
-from tuner.worker import Worker
+from tuner.store.artifacts import IMAGE_NAMES, artifact_store, artifacts_root, save_images, trial_images
+from tuner.store.attrs import set_trial_attrs
+from tuner.study.open import create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.strategy import beats_best
+from tuner.study.worker import Worker
+from tuner.vae.data import load_splits
+from tuner.vae.engine import Population
+from tuner.vae.images import ImagesUnavailable, render_images, traversal_dims
+from tuner.vae.population import PopulationShape
 
 GRID = 8 * 56 + 7 * 2  # 8 tiles of 28 px scaled x2, 2 px between: 462 px
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuner.atomic import write_atomic
-from tuner.train import save_atomic
+from tuner.atomic import save_atomic, write_atomic
 
 
 def test_bytes_text_and_a_writer_land_whole(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from tuner.attrs import set_trial_attrs
-from tuner.storage import open_storage
+from tuner.store.attrs import set_trial_attrs
+from tuner.store.urls import open_storage
 
 ATTRS = {"iwae_nll": 98.25, "collapsed": False, "config": {"model": {"latent": 16}}, "name": "x'\"{}",
          "curve": [1.5, float("inf")], "none": None}

@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tuner.budget_lock import budget_lock
-from tuner.storage import open_storage
+from tuner.store.budget_lock import budget_lock
+from tuner.store.urls import open_storage
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

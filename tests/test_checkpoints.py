@@ -13,9 +13,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from tuner.checkpoints import Cadence, CheckpointWriter, TrialFiles, config_hash, rank_key, top_trials
 from tuner.errors import TunerError
-from tuner.study_spec import CheckpointSpec
+from tuner.store.checkpoints import Cadence, CheckpointWriter, TrialFiles, config_hash, rank_key, top_trials
 
 
 class FakeSnapshot:
@@ -32,7 +31,7 @@ class FakeSnapshot:
 
 
 def test_cadence_every_epochs_or_seconds_whichever_first_and_at_rungs() -> None:
-    c = Cadence.of(CheckpointSpec(every_epochs=5, every_seconds=60, at_rungs=True), rungs=[2, 6, 18])
+    c = Cadence(every_epochs=5, every_seconds=60, rungs=frozenset({2, 6, 18}))
     assert [e for e in range(1, 21) if c.due(e, saved_epoch=0, saved_at=0.0, now=1.0)] == [2, 5, 6, 7, 8, 9, 10,
                                                                                          11, 12, 13, 14, 15, 16,
                                                                                          17, 18, 19, 20]
@@ -40,7 +39,7 @@ def test_cadence_every_epochs_or_seconds_whichever_first_and_at_rungs() -> None:
     assert [e for e in range(7, 21) if c.due(e, saved_epoch=6, saved_at=0.0, now=1.0)] == [11, 12, 13, 14, 15,
                                                                                         16, 17, 18, 19, 20]
     assert c.due(7, saved_epoch=6, saved_at=0.0, now=61.0)  # 60 s passed first
-    plain = Cadence.of(CheckpointSpec(every_epochs=3, at_rungs=False), rungs=[2])
+    plain = Cadence(every_epochs=3, every_seconds=300)
     assert not plain.due(2, 0, 0.0, 1.0) and plain.due(3, 0, 0.0, 1.0)
 
 

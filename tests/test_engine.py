@@ -1,4 +1,4 @@
-"""tuner.engine: a slot in a population trains exactly like the same config alone, resumes from a
+"""tuner.vae.engine: a slot in a population trains exactly like the same config alone, resumes from a
 checkpoint as if never stopped, is isolated from a diverging neighbour, and refills cleanly."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from tuner.engine import Population, PopulationShape
+from tuner.vae.engine import Population
+from tuner.vae.population import PopulationShape
 
 
 def run(pop: Population) -> None:
@@ -267,7 +268,7 @@ class StandInGraph:
 def force_graph(pop: Population, monkeypatch: pytest.MonkeyPatch, capture) -> None:
     """Turn the CUDA-graph path on for a CPU population: warm-up without a side stream (a CPU has
     none), and `capture` in place of torch.cuda.graph."""
-    from tuner import epoch_graph
+    from tuner.vae import epoch_graph
 
     monkeypatch.setattr(epoch_graph.EpochGraph, "_warm_up", lambda self, steps: steps())
     monkeypatch.setattr(epoch_graph, "_capture", capture)
@@ -395,7 +396,7 @@ def test_tf32_switch_is_scoped_and_keeps_both_flag_apis_readable() -> None:
     flags (inductor's cache key does) after only the newer `fp32_precision` ones were set."""
     import warnings
 
-    from tuner.epoch_graph import tf32
+    from tuner.vae.epoch_graph import tf32
 
     def state() -> tuple[bool, bool]:
         return torch.backends.cuda.matmul.fp32_precision == "tf32", torch.backends.cudnn.conv.fp32_precision == "tf32"

@@ -13,11 +13,11 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-
 from test_ranking import HEALTHY_A, HEALTHY_B, STALLED, Built, build_study, cli
 from test_worker import TUNER, checkpoint_file, run_cli
-from tuner.export import backup_study, export_top
-from tuner.ranking import rank_study
+
+from tuner.results.export import backup_study, export_top
+from tuner.results.ranking import rank_study
 from tuner.spec import load_config, parse_config
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: extra threads only fight the other tests for CPUs

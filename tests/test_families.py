@@ -1,4 +1,4 @@
-"""Model families beyond the diagonal Gaussian (tuner.models, flows, priors, ladder): each trains in
+"""Model families beyond the diagonal Gaussian (tuner.vae.models, flows, priors, ladder): each trains in
 a population like alone, resumes from a checkpoint, is scored by the metrics with its own q and p,
 runs through `tuner train`, and is a choice in study specs. The math pieces are checked directly."""
 
@@ -17,15 +17,17 @@ import pytest
 import torch
 import yaml
 
-from tuner import metrics, noise, space
-from tuner.data import load_splits
-from tuner.engine import Population, PopulationShape
-from tuner.flows import IAF
-from tuner.ladder import gaussian_kl_pair
-from tuner.priors import mixture_log_prob_dims
 from tuner.spec import TrainConfig, parse_config
-from tuner.study_spec import parse_study_spec
+from tuner.study import space
+from tuner.study.spec import parse_study_spec
 from tuner.train import load_run
+from tuner.vae import metrics, noise
+from tuner.vae.data import load_splits
+from tuner.vae.engine import Population
+from tuner.vae.flows import IAF
+from tuner.vae.ladder import gaussian_kl_pair
+from tuner.vae.population import PopulationShape
+from tuner.vae.priors import mixture_log_prob_dims
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TUNER = shutil.which("tuner") or str(Path(sys.executable).with_name("tuner"))

@@ -21,14 +21,14 @@ import psycopg
 import pytest
 import yaml
 from optuna.trial import TrialState
-
 from test_worker import TUNER, by_state, run_cli, study_yaml, trials, wait_for
-from tuner.bookkeeper import Bookkeeper
-from tuner.budget_lock import budget_lock
-from tuner.storage import open_storage
-from tuner.study import create_or_resume
-from tuner.study_spec import parse_study_spec
-from tuner.worker import Worker
+
+from tuner.store.budget_lock import budget_lock
+from tuner.store.urls import open_storage
+from tuner.study.bookkeeper import Bookkeeper
+from tuner.study.open import create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.worker import Worker
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -299,7 +299,10 @@ def test_a_trial_killed_after_its_last_epoch_is_completed_by_its_retry_without_t
 def test_four_sqlite_workers_200_trials_without_a_lock_error(tmp_path: Path, small_npz: Path) -> None:
     url = f"sqlite:///{tmp_path}/lock.db"
     spec = study_yaml(tmp_path, small_npz, "lock", url, budget={"trials": 200, "epochs": 1},
-                      workers={"count": 4, "heartbeat_interval": 1, "grace_period": 30})
+                      workers={"count": 4, "heartbeat_interval": 1, "grace_period": 30},
+                      base={"data": {"dataset": f"npz:{small_npz}"}, "model": {"hidden": 32, "depth": 1},
+                            "optim": {"batch_size": 64}, "kl": {"schedule": "constant"},
+                            "train": {"iwae_k": 5, "gap_examples": 0}})  # the store's work, not the gaps
     create_study(spec)
     started = time.time()
     workers = start_workers(4, "lock", url, tmp_path)

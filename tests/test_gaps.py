@@ -1,4 +1,4 @@
-"""Amortization and approximation gaps (tuner.gaps) on tiny real models trained on a 1k MNIST slice:
+"""Amortization and approximation gaps (tuner.vae.gaps) on tiny real models trained on a 1k MNIST slice:
 sign and size on a trained model, a deliberately weak encoder, determinism and independence of the
 chunking and of the population, the config fields, and the gaps through a real worker into the
 trial's user attrs, `tuner rank`, the HTML report and `tuner train`'s metrics."""
@@ -16,22 +16,22 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
-
 from test_ranking import cli
 from test_worker import checkpoint_file, study_yaml
-from tuner import gaps, metrics
-from tuner.artifacts import artifact_store
-from tuner.data import Splits, load_splits
-from tuner.engine import Population
+
 from tuner.errors import TunerError
-from tuner.models import VAE
-from tuner.ranking import rank_study
-from tuner.report import render_report
+from tuner.results.ranking import rank_study
+from tuner.results.report import render_report
 from tuner.spec import TrainConfig, parse_config
-from tuner.study import create_or_resume
-from tuner.study_spec import parse_study_spec
+from tuner.store.artifacts import artifact_store
+from tuner.study.open import create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.worker import Worker
 from tuner.train import train_config
-from tuner.worker import Worker
+from tuner.vae import gaps, metrics
+from tuner.vae.data import Splits, load_splits
+from tuner.vae.engine import Population
+from tuner.vae.models import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 WEAK_UNITS = 4  # the weak encoder's hidden units; its decoder keeps all 64
@@ -51,7 +51,7 @@ class Pair:
 
 def _shrink_encoder(model: VAE, slot: int, units: int) -> None:
     """Zero one slot's encoder hidden units past `units` (in and out weights, bias): the engine's
-    own padding (tuner.layers) applied to the encoder alone, so they stay zero while training."""
+    own padding (tuner.vae.layers) applied to the encoder alone, so they stay zero while training."""
     with torch.no_grad():
         model.enc_hidden[0].weight[slot, :, units:] = 0.0
         model.enc_hidden[0].bias[slot, :, units:] = 0.0
@@ -168,8 +168,8 @@ def test_imports_with_torch_and_numpy_alone() -> None:
         "        if name.split('.')[0] in {'pydantic', 'yaml', 'optuna', 'mlxtend', 'pandas', 'typer', 'rich'}:\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import tuner.gaps\n"
-        "print(tuner.gaps.estimate_gaps.__name__)\n"
+        "import tuner.vae.gaps\n"
+        "print(tuner.vae.gaps.estimate_gaps.__name__)\n"
     )
     proc = subprocess.run([sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "estimate_gaps", proc.stderr

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tuner.errors import TunerError
-from tuner.images import ImagesUnavailable, image_grid, reconstruction_grid, save_grid
+from tuner.vae.images import ImagesUnavailable, image_grid, reconstruction_grid, save_grid
 
 
 def test_saved_grid_reloads_with_size_mode_and_pixels(tmp_path):

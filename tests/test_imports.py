@@ -21,7 +21,7 @@ import yaml
 from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 
-from tuner.data import write_mnist5k_cache
+from tuner.vae.data import write_mnist5k_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ BLOCK = blocker(("pydantic", "yaml", "optuna", "mlxtend", "pandas", "typer", "ri
 
 def test_engine_models_metrics_import_with_torch_and_numpy_alone() -> None:
     code = BLOCK + (
-        "import tuner.engine, tuner.models, tuner.metrics, tuner.schedules, tuner.optim, tuner.noise\n"
+        "import tuner.vae.engine, tuner.vae.models, tuner.vae.metrics, tuner.vae.schedules, tuner.vae.optim, tuner.vae.noise\n"
         "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('throughput', r'{ROOT / 'benchmarks' / 'throughput.py'}')\n"
         "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
@@ -63,7 +63,7 @@ def python(code: str, *args: str, env: dict[str, str] | None = None) -> subproce
 
 
 def test_worker_and_launcher_import_on_a_slim_host() -> None:
-    code = blocker(SLIM_HOST_MISSING) + "import tuner.worker, tuner.launch, tuner.cli\nimport pandas\n"
+    code = blocker(SLIM_HOST_MISSING) + "import tuner.study.worker, tuner.study.launch, tuner.cli\nimport pandas\n"
     proc = python(code)
     # the worker, the launcher and the CLI imported; only the final, deliberate `import pandas` failed
     assert proc.returncode == 1, proc.stderr

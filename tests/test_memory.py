@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuner.memory import SlotBudget, bucket, next_pow2
+from tuner.study.memory import SlotBudget, bucket, next_pow2
 
 
 class FakeProbe:

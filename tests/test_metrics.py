@@ -1,4 +1,4 @@
-"""tuner.metrics on a population of linear Gaussian VAEs, whose exact log p(x) is known.
+"""tuner.vae.metrics on a population of linear Gaussian VAEs, whose exact log p(x) is known.
 
 Model per slot s: z ~ N(0, I), x | z ~ N(z @ W_s + b_s, diag(sigma2_s)), so x ~ N(b_s, W_s^T W_s +
 diag(sigma2_s)); encoder mu = x @ A_s + a_s with a fixed per-dim logvar. With A, a, logvar set
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from tuner import noise
 from tuner.errors import TunerError
-from tuner.metrics import (
+from tuner.vae import noise
+from tuner.vae.metrics import (
     COLLAPSE_KL_NATS,
     COLLAPSE_MI_NATS,
     Evaluation,
@@ -33,7 +33,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 class LinearGaussianVAE(torch.nn.Module):
-    """Population-shaped linear Gaussian VAE with the interface tuner.metrics uses."""
+    """Population-shaped linear Gaussian VAE with the interface tuner.vae.metrics uses."""
 
     def __init__(self, A: Tensor, a: Tensor, logvar: Tensor, W: Tensor, b: Tensor,
                  sigma2: Tensor, latent_mask: Tensor) -> None:
@@ -374,9 +374,9 @@ def test_evaluate_restores_training_mode_and_rejects_bad_arguments():
 @pytest.fixture(scope="module")
 def trained_betas():
     """MLP VAEs (z=32, h=512) trained 12 epochs with beta 1, 8 and 20, as one population of 3."""
-    from tuner.data import load_splits
-    from tuner.engine import Population
     from tuner.spec import parse_config
+    from tuner.vae.data import load_splits
+    from tuner.vae.engine import Population
 
     configs = [
         parse_config({"seed": 0, "model": {"latent": 32, "hidden": 512}, "optim": {"batch_size": 128},

@@ -1,4 +1,4 @@
-"""tuner.noise: python-int counters fold in on the host with the same bits as tensor counters, and
+"""tuner.vae.noise: python-int counters fold in on the host with the same bits as tensor counters, and
 the streams are pinned to the values they had before that change (recorded from the tensor-only
 `derive`): a resumed checkpoint or a logged seed keeps drawing the same numbers."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuner import noise
+from tuner.vae import noise
 
 SEEDS = torch.tensor([0, 1, 7, 123456789, 2**40 + 5])
 

@@ -1,4 +1,4 @@
-"""tuner.optim.StackedOptimizer against torch.optim run on each slot's slice alone."""
+"""tuner.vae.optim.StackedOptimizer against torch.optim run on each slot's slice alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from tuner.optim import StackedOptimizer
+from tuner.vae.optim import StackedOptimizer
 
 S = 4
 FUSED = True  # set per test by the `impl` fixture: every test runs on both update paths
@@ -270,7 +270,7 @@ class TestCompiledUpdate:
             torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
     def test_a_failure_warns_once_and_each_parameter_is_updated_once(self, monkeypatch):
-        from tuner import optim
+        from tuner.vae import optim
 
         calls = []
 

@@ -18,14 +18,14 @@ import torch
 import yaml
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
-
 from test_worker import study_yaml
+
 from tuner.cli import main
 from tuner.errors import TunerError
-from tuner.ranking import pareto_front, rank_study, ranking_frame, ranking_records
-from tuner.study import create_or_resume
-from tuner.study_spec import parse_study_spec
-from tuner.worker import Worker
+from tuner.results.ranking import pareto_front, rank_study, ranking_frame, ranking_records
+from tuner.study.open import create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.worker import Worker
 
 HEALTHY_A = {"model.latent": 8, "kl.beta": 1.0, "optim.lr": 1e-2}
 HEALTHY_B = {"model.latent": 4, "kl.beta": 1.0, "optim.lr": 1e-2}

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
+from test_worker import by_state, checkpoint_file, run_cli, study_yaml, trials
 from typer.testing import CliRunner
 
-from test_worker import by_state, checkpoint_file, run_cli, study_yaml, trials
 from tuner.cli import app
 from tuner.errors import TunerError
-from tuner.ray_launch import INSTALL_HINT, worker_resources
+from tuner.study.ray_launch import INSTALL_HINT, worker_resources
 
 TUNER = [sys.executable, "-m", "tuner"]
 RAY = Path(sys.executable).with_name("ray")
@@ -99,7 +99,7 @@ def test_without_ray_the_core_imports_and_the_ray_launcher_says_what_to_install(
                                                                                  small_npz: Path) -> None:
     spec = study_yaml(tmp_path, small_npz, "noray", f"sqlite:///{tmp_path}/n.db")
     code = BLOCK_RAY + (
-        "import tuner.cli, tuner.launch, tuner.ray_launch, tuner.worker\n"
+        "import tuner.cli, tuner.study.launch, tuner.study.ray_launch, tuner.study.worker\n"
         f"sys.argv = ['tuner', 'run', {str(spec)!r}, '--launcher', 'ray']\n"
         "tuner.cli.main()\n"
     )

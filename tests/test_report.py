@@ -18,15 +18,15 @@ import yaml
 from optuna.trial import TrialState
 from PIL import Image
 from plotly.offline import get_plotlyjs
-
 from test_worker import study_yaml
-from tuner.artifacts import artifact_store, trial_images
+
 from tuner.cli import main
-from tuner.ranking import ranking_frame
-from tuner.report import write_report
-from tuner.study import create_or_resume
-from tuner.study_spec import parse_study_spec
-from tuner.worker import Worker
+from tuner.results.ranking import ranking_frame
+from tuner.results.report import write_report
+from tuner.store.artifacts import artifact_store, trial_images
+from tuner.study.open import create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.worker import Worker
 
 FIGURES = ("history", "curves", "importances", "collapse")
 SECTIONS = {"ranking": "Ranking", "history": "Optimization history", "curves": "Learning curves",

@@ -15,8 +15,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from tuner.errors import TunerError
-from tuner.retry import StorageUnavailableError, is_transient, retry_transient
-from tuner.storage import open_storage
+from tuner.store.retry import StorageUnavailableError, is_transient, retry_transient
+from tuner.store.urls import open_storage
 
 
 def dropped(message: str = "server closed the connection unexpectedly") -> optuna.exceptions.StorageInternalError:
@@ -139,8 +139,8 @@ def test_the_launchers_table_rides_over_an_outage_and_other_errors_still_raise(t
 
     from rich.console import Console
 
-    from tuner import launch
-    from tuner.study_spec import parse_study_spec
+    from tuner.study import launch
+    from tuner.study.spec import parse_study_spec
 
     spec = parse_study_spec({"study": "outage", "budget": {"trials": 2}})
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="outage")

@@ -1,4 +1,4 @@
-"""tuner.schedules: each kind at chosen epochs against hand-computed values, mixed kinds, free bits."""
+"""tuner.vae.schedules: each kind at chosen epochs against hand-computed values, mixed kinds, free bits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tuner.schedules import KL_SCHEDULES, LR_DECAYS, free_bits_kl, kl_capacity, kl_weight, learning_rate
+from tuner.vae.schedules import KL_SCHEDULES, LR_DECAYS, free_bits_kl, kl_capacity, kl_weight, learning_rate
 
 
 def _t(*values: float) -> torch.Tensor:

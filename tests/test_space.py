@@ -1,4 +1,4 @@
-"""tuner.space: a study spec's entries -> Optuna distributions and suggestions, on real studies."""
+"""tuner.study.space: a study spec's entries -> Optuna distributions and suggestions, on real studies."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from tuner import space
 from tuner.errors import TunerError
 from tuner.spec import TrainConfig
-from tuner.study_spec import StudySpec, parse_study_spec
-from tuner.strategy import build_sampler
+from tuner.study import space
+from tuner.study.spec import StudySpec, parse_study_spec
+from tuner.study.strategy import build_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -1,4 +1,4 @@
-"""The training step never waits on the host (tuner.engine): no host-to-device copy and no
+"""The training step never waits on the host (tuner.vae.engine): no host-to-device copy and no
 device-to-host read in `Population.train_epoch`, and one read-back per `run_epoch`.
 
 On CUDA each of those is a sync (the host stops queueing work until the GPU catches up) and an error
@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tuner import optim
-from tuner.engine import Population
+from tuner.vae import optim
+from tuner.vae.engine import Population
 
 SCALAR_READS = {"_local_scalar_dense", "item", "is_nonzero"}
 FRESH = {"lift_fresh", "lift_fresh_copy"}

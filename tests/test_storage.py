@@ -1,4 +1,4 @@
-"""tuner.storage on real SQLite files, real worker processes and a real PostgreSQL server."""
+"""tuner.store.urls on real SQLite files, real worker processes and a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from tuner.errors import TunerError
-from tuner.storage import DEFAULT_URL, check_storage, mask_secrets, mask_url, open_storage
+from tuner.store.urls import DEFAULT_URL, check_storage, mask_secrets, mask_url, open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ WORKER = """
 import sys, warnings
 warnings.simplefilter("ignore")
 import optuna
-from tuner.storage import open_storage
+from tuner.store.urls import open_storage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = optuna.load_study(study_name="shared", storage=open_storage(sys.argv[1]))
 for _ in range(int(sys.argv[2])):

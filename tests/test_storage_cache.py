@@ -1,4 +1,4 @@
-"""tuner.cached_storage through tuner.storage.open_storage, on real SQLite files and a real PostgreSQL
+"""tuner.store.cache through tuner.store.urls.open_storage, on real SQLite files and a real PostgreSQL
 server: the cache shows what Optuna's own storage shows, sees other processes' writes, and keeps
 heartbeats, stale-trial retries and store-call retries working."""
 
@@ -19,9 +19,9 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState, create_trial
 
-from tuner.attrs import set_trial_attrs
-from tuner.cached_storage import CachedStorage
-from tuner.storage import open_storage
+from tuner.store.attrs import set_trial_attrs
+from tuner.store.cache import CachedStorage
+from tuner.store.urls import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -209,7 +209,7 @@ import sys, warnings
 warnings.simplefilter("ignore")
 import optuna
 from optuna.trial import TrialState
-from tuner.storage import open_storage
+from tuner.store.urls import open_storage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
 study.tell(int(sys.argv[2]), 7.0)  # by trial number

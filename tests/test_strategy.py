@@ -1,4 +1,4 @@
-"""tuner.strategy: samplers, pruners, directions and the collapse constraint, on real Optuna studies."""
+"""tuner.study.strategy: samplers, pruners, directions and the collapse constraint, on real Optuna studies."""
 
 from __future__ import annotations
 
@@ -18,13 +18,19 @@ from optuna.pruners import (
 from optuna.samplers import CmaEsSampler, GridSampler, QMCSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState, create_trial
 
-from tuner import space
-from tuner.attrs import set_trial_attrs
 from tuner.errors import TunerError
-from tuner.study_spec import StudySpec, parse_study_spec
-from tuner.strategy import (
-    COLLAPSE_CONSTRAINT, CachedPercentilePruner, build_pruner, build_sampler, collapse_constraint,
-    collapse_constraint_attrs, directions, rung_epochs,
+from tuner.store.attrs import set_trial_attrs
+from tuner.study import space
+from tuner.study.spec import StudySpec, parse_study_spec
+from tuner.study.strategy import (
+    COLLAPSE_CONSTRAINT,
+    CachedPercentilePruner,
+    build_pruner,
+    build_sampler,
+    collapse_constraint,
+    collapse_constraint_attrs,
+    directions,
+    rung_epochs,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

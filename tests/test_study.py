@@ -11,8 +11,8 @@ import optuna
 import pytest
 
 from tuner.errors import TunerError
-from tuner.study import ID_ATTR, SPEC_ATTR, create_or_resume, load_study, study_key
-from tuner.study_spec import parse_study_spec
+from tuner.study.open import ID_ATTR, SPEC_ATTR, create_or_resume, load_study, study_key
+from tuner.study.spec import parse_study_spec
 
 
 def spec(tmp_path: Path, **over):

@@ -1,4 +1,4 @@
-"""tuner.study_spec: study specs validate once; every mistake is one line naming the field."""
+"""tuner.study.spec: study specs validate once; every mistake is one line naming the field."""
 
 from __future__ import annotations
 
@@ -10,15 +10,8 @@ import pytest
 import yaml
 
 from tuner.errors import TunerError
-from tuner.study_spec import (
-    CategoricalParam,
-    FloatParam,
-    IntParam,
-    StudySpec,
-    load_study_spec,
-    parse_study_spec,
-    study_spec_to_yaml,
-)
+from tuner.study.entries import CategoricalParam, FloatParam, IntParam
+from tuner.study.spec import StudySpec, load_study_spec, parse_study_spec, study_spec_to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import torch
 import yaml
 from PIL import Image
 
-from tuner import metrics
-from tuner.data import load_splits
 from tuner.spec import config_to_yaml
 from tuner.train import load_run
+from tuner.vae import metrics
+from tuner.vae.data import load_splits
 
 TUNER = shutil.which("tuner") or str(Path(sys.executable).with_name("tuner"))
 

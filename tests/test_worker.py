@@ -19,9 +19,9 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from tuner.study_spec import parse_study_spec
-from tuner.study import ID_ATTR, create_or_resume
-from tuner.worker import Worker
+from tuner.study.open import ID_ATTR, create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.worker import Worker
 
 TUNER = [sys.executable, "-m", "tuner"]
 

@@ -14,18 +14,18 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
-
-import tuner.bookkeeper
 from test_worker import by_state, checkpoint_file, study_yaml
-from tuner.budget_lock import budget_lock
-from tuner.checkpoints import config_hash, top_trials
-from tuner.engine import Population
-from tuner.memory import next_pow2
+
+import tuner.study.bookkeeper
 from tuner.spec import parse_config
-from tuner.storage import open_storage
-from tuner.study import ID_ATTR, create_or_resume
-from tuner.study_spec import parse_study_spec
-from tuner.worker import Worker
+from tuner.store.budget_lock import budget_lock
+from tuner.store.checkpoints import config_hash, top_trials
+from tuner.store.urls import open_storage
+from tuner.study.memory import next_pow2
+from tuner.study.open import ID_ATTR, create_or_resume
+from tuner.study.spec import parse_study_spec
+from tuner.study.worker import Worker
+from tuner.vae.engine import Population
 
 
 def make_study(tmp_path: Path, npz: Path, name: str, url: str, **over: Any) -> optuna.Study:
@@ -49,7 +49,7 @@ def test_every_store_call_runs_off_the_training_thread(tmp_path: Path, small_npz
         monkeypatch.setattr(owner, name, called)
 
     for owner, name in ((optuna.Study, "ask"), (optuna.Study, "tell"), (optuna.Trial, "report"),
-                        (optuna.Trial, "should_prune"), (tuner.bookkeeper, "set_trial_attrs")):
+                        (optuna.Trial, "should_prune"), (tuner.study.bookkeeper, "set_trial_attrs")):
         spy(owner, name)
     summary = Worker(url, "threads", slots=2, device="cpu", artifacts=tmp_path / "art", log=lambda s: None).run()
     assert summary.complete + summary.pruned == 4

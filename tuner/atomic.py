@@ -1,5 +1,8 @@
 """Atomic file writes: a reader never sees a torn file, and a crash never leaves one behind.
 
+Shared by every part of the package (the data cache, checkpoints, rankings, reports, run folders),
+like :mod:`tuner.errors`: it imports nothing of tuner.
+
 The data goes to a temporary file in the target's folder (the same file system), which is then
 renamed over the target; on any failure the temporary file is removed and the error re-raised,
 so each caller turns it into its own one-line message.
@@ -11,9 +14,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["write_atomic"]
+__all__ = ["save_atomic", "write_atomic"]
 
 
 def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], object]) -> Path:
@@ -33,3 +36,11 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], obje
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save, written atomically: a crash never leaves a torn checkpoint. Straight into the
+    file: through a BytesIO it cost twice the CPU."""
+    import torch  # lazy: the rest of this module needs no torch
+
+    write_atomic(path, lambda f: torch.save(obj, f))

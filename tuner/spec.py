@@ -1,7 +1,7 @@
 """Training configs: pydantic models validated once at the boundary.
 
 A :class:`TrainConfig` is one fully resolved training run (every value plain, nothing sampled).
-`tuner train` reads one from YAML; a study samples one per trial (study specs: tuner.study_spec).
+`tuner train` reads one from YAML; a study samples one per trial (study specs: tuner.study.spec).
 Past :func:`load_config` the code works with typed objects, never dicts. Validators are pure: no
 I/O, no tensors. The one-line error formatting here serves both kinds of file.
 """
@@ -78,7 +78,7 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Encoder/decoder architecture, likelihood and model family (tuner.models).
+    """Encoder/decoder architecture, likelihood and model family (tuner.vae.models).
 
     hidden is the width of every dense hidden layer (depth of them on each side); for ``conv``
     the encoder is two conv+pool blocks of ``channels`` and ``2*channels`` maps, then one dense layer.
@@ -163,7 +163,7 @@ class TrainLoopConfig(StrictModel):
     patience: stop after this many epochs without a better validation -ELBO (0 = never stop early).
     restore_best: evaluate (and save) the weights of the best validation epoch, not the last.
     iwae_k: importance samples for the final IWAE NLL (Burda et al. 2015).
-    gap_examples, gap_steps, gap_lr: the amortization and approximation gaps (tuner.gaps, Cremer
+    gap_examples, gap_steps, gap_lr: the amortization and approximation gaps (tuner.vae.gaps, Cremer
     et al. 2018) on the first gap_examples test examples, each example's posterior optimized by
     gap_steps Adam steps at gap_lr; gap_examples 0 skips them.
     """

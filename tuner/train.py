@@ -17,16 +17,18 @@ from typing import Any
 
 import torch
 
-from tuner import gaps, metrics
-from tuner.artifacts import render_images
-from tuner.atomic import write_atomic
-from tuner.data import load_splits
-from tuner.engine import EpochResult, Population
+from tuner.atomic import save_atomic
 from tuner.errors import TunerError
-from tuner.models import VAE
 from tuner.spec import TrainConfig, config_to_yaml, load_config, parse_config
+from tuner.vae import gaps, metrics
+from tuner.vae.data import load_splits
+from tuner.vae.device import resolve_device
+from tuner.vae.engine import Population
+from tuner.vae.images import render_images
+from tuner.vae.models import VAE
+from tuner.vae.population import EpochResult
 
-__all__ = ["TrainResult", "load_run", "resolve_device", "save_atomic", "train_config"]
+__all__ = ["TrainResult", "load_run", "train_config"]
 
 
 @dataclass
@@ -34,25 +36,6 @@ class TrainResult:
     out_dir: Path
     metrics: dict[str, Any]
     history: list[dict[str, float]]
-
-
-def resolve_device(name: str, source: str = "--device") -> torch.device:
-    """'auto' -> the first GPU if there is one, else CPU; 'cpu'; 'cuda' or 'cuda:N' (checked).
-
-    source: where the name came from, for the error (a worker's name may come from the study spec)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        index = name.partition(":")[2]
-        if index and not index.isdigit():
-            raise TunerError(f"{source} '{name}' is not a device; use auto, cpu or cuda:N")
-        count = torch.cuda.device_count()
-        if count == 0 or (index and int(index) >= count):
-            raise TunerError(f"{source} '{name}': this machine has {count} CUDA device(s); use auto or cpu")
-        return torch.device(name)
-    raise TunerError(f"{source} '{name}' is not a device; use auto, cpu or cuda:N")
 
 
 def _writable_dir(out_dir: Path) -> Path:
@@ -64,12 +47,6 @@ def _writable_dir(out_dir: Path) -> Path:
     except OSError as err:
         raise TunerError(f"--out '{out_dir}' is not a writable folder ({err.strerror}); choose another") from None
     return out_dir
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save, written atomically: a crash never leaves a torn checkpoint. Straight into the
-    file: through a BytesIO it cost twice the CPU (a worker writes one per trial and epoch)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _sanity_batch(pop: Population, slot: int) -> None:

@@ -1,0 +1,362 @@
+"""Population-shaped VAEs: MLP and conv encoders/decoders with a leading slot axis.
+
+Every tensor is slot-major: data (S, B, D), posteriors (S, B, Z). Slot s uses the first
+``latent[s]`` latent dims and ``hidden[s]`` hidden units of the population's maxima; the rest is
+zero padding that stays zero (see :mod:`tuner.vae.layers`). The likelihood is Bernoulli (logits) or
+Gaussian (mean plus a learned per-pixel log-scale per slot). ``forward`` returns a named
+:class:`VAEOutput`; the engine reads only those fields and never branches on the model family.
+
+Families (fixed per population: they change tensor shapes):
+
+* posterior ``gaussian`` (diagonal, reparameterized; the default) or ``iaf`` (the Gaussian pushed
+  through ``flow_steps`` inverse autoregressive steps, :mod:`tuner.vae.flows`, with context h = the
+  encoder's last hidden layer);
+* prior ``normal`` (N(0, I); the default), ``mog`` (a learned mixture of ``prior_components``
+  Gaussians) or ``vamp`` (the VampPrior over ``prior_components`` pseudo-inputs), :mod:`tuner.vae.priors`;
+* hierarchy ``flat`` (the default) or ``ladder`` (two levels, z1 of size ``latent`` near the data
+  and z2 of size ``latent2`` on top, :mod:`tuner.vae.ladder`; Gaussian posterior and prior only).
+
+The default family (gaussian, normal, flat) is *closed form*: its KL is analytic, and it computes
+exactly what it always did. Every other family estimates log q(z|x) - log p(z) per dim from the
+drawn z (Monte Carlo), except the ladder, which is analytic per level given the drawn z2.
+All families share one interface: :meth:`VAE.local_posterior` (the per-example variational
+parameters) and :meth:`VAE.sample` (z and the per-dim KL pieces from given noise), which
+training, :mod:`tuner.vae.metrics` and the gap analysis all go through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tuner.errors import TunerError
+from tuner.vae import noise
+from tuner.vae.flows import IAF
+from tuner.vae.ladder import Ladder
+from tuner.vae.layers import StackedConv2d, StackedConvTranspose2d, StackedLinear, fold_slots, unfold_slots
+from tuner.vae.metrics import gaussian_kl_per_dim
+from tuner.vae.priors import MixturePrior, VampPrior, mixture_log_prob_dims, normal_log_prob_dims, sample_prior
+from tuner.vae.schedules import free_bits_kl
+
+__all__ = ["VAE", "VAEOutput"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_STREAM_EPS, _STREAM_DROPOUT = 1, 2
+
+
+@dataclass
+class VAEOutput:
+    """Per-slot training quantities, each (S,), in nats per example (batch means)."""
+
+    loss: Tensor  # what is minimized: recon + kl_weight * |KL (free bits) - capacity|
+    neg_elbo: Tensor  # recon + kl, beta = 1
+    recon: Tensor  # -E_q log p(x|z)
+    kl: Tensor  # KL(q(z|x) || p(z)): analytic, or MC for non-closed-form families (module docstring)
+
+
+class VAE(nn.Module):
+    """N independent VAEs of one *shape* (architecture, depth, channels, likelihood, data shape, family)."""
+
+    def __init__(
+        self,
+        *,
+        arch: str,
+        likelihood: str,
+        image_shape: tuple[int, int, int],
+        slots: int,
+        latent_max: int,
+        hidden_max: int,
+        depth: int,
+        channels: int = 32,
+        posterior: str = "gaussian",
+        flow_steps: int = 0,
+        prior: str = "normal",
+        prior_components: int = 0,
+        hierarchy: str = "flat",
+    ) -> None:
+        super().__init__()
+        self.posterior, self.prior_name, self.hierarchy = posterior, prior, hierarchy
+        self.closed_form = posterior == "gaussian" and prior == "normal" and hierarchy == "flat"
+        self.arch, self.likelihood, self.image_shape = arch, likelihood, image_shape
+        self.slots, self.latent_max, self.hidden_max, self.depth = slots, latent_max, hidden_max, depth
+        c, h, w = image_shape
+        self.data_dim = c * h * w
+        if arch == "conv":
+            if h % 4 or w % 4 or h < 4 or w < 4:
+                raise TunerError(
+                    f"model.arch 'conv' needs images whose height and width divide by 4, but the data is "
+                    f"{c}x{h}x{w}; use model.arch 'mlp' or data shaped (n, c, h, w)"
+                )
+            self.conv_enc = nn.ModuleList(
+                [StackedConv2d(slots, c, channels, 3, padding=1), StackedConv2d(slots, channels, 2 * channels, 3, padding=1)]
+            )
+            self.conv_dec = nn.ModuleList(
+                [
+                    StackedConvTranspose2d(slots, 2 * channels, channels, 4, stride=2, padding=1),
+                    StackedConvTranspose2d(slots, channels, c, 4, stride=2, padding=1),
+                ]
+            )
+            self.feature_shape = (2 * channels, h // 4, w // 4)
+            enc_in = math.prod(self.feature_shape)
+        else:
+            self.feature_shape = None
+            enc_in = self.data_dim
+        dec_out = enc_in
+        # encoder: enc_in -> hidden x depth -> (mu, logvar); decoder: latent -> hidden x depth -> dec_out
+        self.enc_hidden = nn.ModuleList(
+            [StackedLinear(slots, enc_in if i == 0 else hidden_max, hidden_max) for i in range(depth)]
+        )
+        self.enc_mu = StackedLinear(slots, hidden_max, latent_max)
+        self.enc_logvar = StackedLinear(slots, hidden_max, latent_max)
+        self.dec_hidden = nn.ModuleList(
+            [StackedLinear(slots, latent_max if i == 0 else hidden_max, hidden_max) for i in range(depth)]
+        )
+        self.dec_out = StackedLinear(slots, hidden_max, dec_out)
+        if likelihood == "gaussian":
+            self.log_scale = nn.Parameter(torch.zeros(slots, 1, self.data_dim))  # per-pixel log sigma
+        self.register_buffer("latent_mask", torch.zeros(slots, latent_max))
+        self.register_buffer("dropout_rate", torch.zeros(slots))
+        self._any_dropout = False
+        # family modules come after the base ones, so the default family's parameters (names,
+        # order, the flat vector's layout, the init draws) are exactly what they always were
+        self.flow = IAF(slots, flow_steps, latent_max, hidden_max, hidden_max) if posterior == "iaf" else None
+        self.prior: MixturePrior | VampPrior | None = None
+        if prior == "mog":
+            self.prior = MixturePrior(slots, prior_components, latent_max)
+        elif prior == "vamp":
+            self.prior = VampPrior(slots, prior_components, self.data_dim)
+        self.ladder = Ladder(slots, hidden_max, latent_max) if hierarchy == "ladder" else None
+        # noise per example: (Zmax,) or one row per ladder level, so coordinates never depend on Zmax
+        self.noise_shape: tuple[int, ...] = (2, latent_max) if self.ladder is not None else (latent_max,)
+        # floats per example in the largest temporary of sample() (sizes metric chunks)
+        self.sample_width = latent_max * max(prior_components, 1) + (hidden_max if self.flow is not None else 0)
+
+    @property
+    def kl_mask(self) -> Tensor:
+        """(S, Zk) 0/1 over the dims that carry KL: latent_mask, and for the ladder [level 1, level 2]."""
+        if self.ladder is None:
+            return self.latent_mask
+        return torch.cat([self.latent_mask, self.ladder.latent2_mask], dim=-1)
+
+    # ----------------------------------------------------------------------------------- slots
+    @torch.no_grad()
+    def init_slot(
+        self, slot: int, *, seed: int, latent: int, hidden: int, dropout: float, latent2: int = 0
+    ) -> None:
+        """Fresh weights for one slot, drawn from its own seed at its true sizes (latent2: the
+        ladder's top level; ignored by flat models)."""
+        if max(latent, latent2 if self.ladder is not None else 0) > self.latent_max or hidden > self.hidden_max:
+            raise ValueError(
+                f"slot needs latent {latent} (level 2: {latent2}), hidden {hidden} but the population holds "
+                f"at most {self.latent_max}, {self.hidden_max}"
+            )
+        g = torch.Generator().manual_seed(seed)
+        enc_in = self.data_dim if self.feature_shape is None else math.prod(self.feature_shape)
+        for conv in self.conv_enc if self.arch == "conv" else []:
+            conv.init_slot(slot, g)
+        for i, layer in enumerate(self.enc_hidden):
+            layer.init_slot(slot, enc_in if i == 0 else hidden, hidden, g)
+        self.enc_mu.init_slot(slot, hidden, latent, g)
+        self.enc_logvar.init_slot(slot, hidden, latent, g)
+        for i, layer in enumerate(self.dec_hidden):
+            layer.init_slot(slot, latent if i == 0 else hidden, hidden, g)
+        self.dec_out.init_slot(slot, hidden, enc_in, g)
+        for conv in self.conv_dec if self.arch == "conv" else []:
+            conv.init_slot(slot, g)
+        if self.likelihood == "gaussian":
+            self.log_scale[slot].zero_()
+        self.latent_mask[slot].zero_()
+        self.latent_mask[slot, :latent] = 1.0
+        self.dropout_rate[slot] = dropout
+        self.refresh_flags()
+        if self.flow is not None:
+            self.flow.init_slot(slot, latent, hidden, hidden, g)
+        if self.prior is not None:
+            self.prior.init_slot(slot, latent, g)
+        if self.ladder is not None:
+            self.ladder.init_slot(slot, latent, latent2, hidden, g)
+
+    def refresh_flags(self) -> None:
+        """The host-side flag the forward pass branches on (any slot with dropout), from the rates
+        (after a slot is initialised, or slots are copied in)."""
+        self._any_dropout = bool((self.dropout_rate > 0).any())
+
+    # ------------------------------------------------------------------------------ networks
+    def _dropout(self, h: Tensor, key: Tensor | None, layer: int) -> Tensor:
+        if key is None or not self._any_dropout or not self.training:
+            return h
+        p = self.dropout_rate.view(-1, 1, 1)
+        u = noise.uniform(noise.derive(key, _STREAM_DROPOUT, layer), tuple(h.shape[1:]))
+        return torch.where(u >= p, h / (1.0 - p), 0.0)
+
+    def _features(self, x: Tensor, dropout_key: Tensor | None = None) -> Tensor:
+        """x (S, B, D) in [0, 1] -> the encoder's last hidden layer (S, B, Hmax)."""
+        h = x
+        if self.arch == "conv":
+            s, b, _ = x.shape
+            h = fold_slots(x.reshape(s, b, *self.image_shape))  # (B, S*C, H, W)
+            for conv in self.conv_enc:
+                h = F.max_pool2d(F.relu(conv(h)), 2)
+            h = unfold_slots(h, s)  # (S, B, 2c*H/4*W/4)
+        for i, layer in enumerate(self.enc_hidden):
+            h = self._dropout(F.relu(layer(h)), dropout_key, i)
+        return h
+
+    def _heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        mask = self.latent_mask.unsqueeze(1)
+        return self.enc_mu(h) * mask, self.enc_logvar(h) * mask
+
+    def encode(self, x: Tensor, dropout_key: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (S, B, D) in [0, 1] -> mu, logvar (S, B, Zmax) of the decoder's latent; padding exactly 0.
+
+        For the default family this is q(z|x). For the others it is a deterministic summary (used
+        for pictures): IAF the flow applied to the base mean (eps = 0) with the base logvar; ladder
+        q(z1|x, z2 = mu2).
+        """
+        if self.flow is None and self.ladder is None:
+            return self._heads(self._features(x, dropout_key))
+        local = self.local_posterior(x, dropout_key)
+        zero = torch.zeros(*local["mu"].shape[:2], *self.noise_shape, device=x.device)
+        z, _ = self.sample(local, zero)
+        if self.ladder is None:
+            return z, local["logvar"]
+        mask = self.latent_mask.unsqueeze(1)
+        _, lv_p = self.ladder.prior1(local["mu2"], mask)
+        return z[..., : self.latent_max], -torch.logaddexp(-local["logvar"], -lv_p) * mask
+
+    def decode(self, z: Tensor, dropout_key: Tensor | None = None) -> Tensor:
+        """z (S, B, Zmax) -> likelihood params (S, B, D): Bernoulli logits or Gaussian means."""
+        h = z * self.latent_mask.unsqueeze(1)
+        for i, layer in enumerate(self.dec_hidden):
+            h = self._dropout(F.relu(layer(h)), dropout_key, self.depth + i)
+        out = self.dec_out(h)
+        if self.arch == "conv":
+            s, b, _ = out.shape
+            h = fold_slots(F.relu(out).reshape(s, b, *self.feature_shape))
+            h = self.conv_dec[1](F.relu(self.conv_dec[0](h)))
+            out = unfold_slots(h, s)
+        return out
+
+    def log_likelihood(self, x: Tensor, params: Tensor) -> Tensor:
+        """log p(x|z) summed over the D data dims -> (S, B) nats."""
+        if self.likelihood == "bernoulli":
+            return -F.binary_cross_entropy_with_logits(params, x.expand_as(params), reduction="none").sum(-1)
+        log_scale = self.log_scale.clamp(-7.0, 3.0)
+        z = (x - params) * torch.exp(-log_scale)
+        return (-0.5 * z * z - log_scale - 0.5 * _LOG_2PI).sum(-1)
+
+    def mean_image(self, params: Tensor) -> Tensor:
+        """Likelihood params -> the expected image in data space (for pictures)."""
+        return torch.sigmoid(params) if self.likelihood == "bernoulli" else params.clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------------------ families
+    def _gaussian_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q(z|x)'s Gaussian heads without dropout: the VampPrior's components at its pseudo-inputs."""
+        return self._heads(self._features(x))
+
+    def log_prior_dims(self, z: Tensor) -> Tensor:
+        """log p(z) of a flat model split per dim (chain rule for mixtures, :mod:`tuner.vae.priors`): (S, B, Zmax)."""
+        if self.prior is None:
+            return normal_log_prob_dims(z)
+        log_w, mu, logvar = self.prior.components(self._gaussian_encode, self.latent_mask)
+        return mixture_log_prob_dims(z, log_w, mu, logvar, self.latent_mask)
+
+    def sample(self, local: dict[str, Tensor], eps: Tensor, mc: bool = False) -> tuple[Tensor, Tensor]:
+        """z ~ q(z|x) from standard-normal eps (S, B, *noise_shape), and its per-dim KL pieces.
+
+        Returns z (S, B, Zk) and kl (S, B, Zk), 0 on padding; the decoder reads z[..., :Zmax] (for
+        the ladder Zk = 2 Zmax: [z1, z2]). kl sums over dims to this family's KL estimate: the
+        analytic KL where it is closed form (mc=False), else the sampled log q(z|x) - log p(z);
+        mc=True always gives the sampled log-ratio (what an importance weight needs).
+        """
+        mask = self.latent_mask.unsqueeze(1)
+        if self.ladder is not None:
+            return self.ladder.sample(local, eps, mask, mc)
+        mu, logvar = local["mu"], local["logvar"]
+        z = mu + torch.exp(0.5 * logvar) * eps
+        if self.closed_form and not mc:
+            return z, gaussian_kl_per_dim(mu, logvar)  # (S, B, Zmax), 0 on padding
+        log_q = -0.5 * (_LOG_2PI + logvar + eps.square())  # log N(z; mu, var) per dim, from eps
+        if self.flow is not None:
+            z, log_det = self.flow(z * mask, local["h"], mask)
+            log_q = log_q - log_det
+        return z * mask, (log_q - self.log_prior_dims(z * mask)) * mask
+
+    def posterior_gaussian(self, local: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """q(z|x) as (mu, logvar) over the KL dims when it is exactly a diagonal Gaussian (flat,
+        gaussian posterior, any prior), else None (IAF, ladder: metrics then moment-match samples)."""
+        if self.flow is None and self.ladder is None:
+            return local["mu"], local["logvar"]
+        return None
+
+    def prior_sample(self, keys: Tensor, n: int) -> Tensor:
+        """n draws per slot from the generative model's p(z) in the decoder's latent: (S, n, Zmax).
+
+        keys (S,). A flat normal prior draws exactly ``noise.normal(keys, (n, Zmax))``; the ladder
+        draws z2 ~ N(0, I) then z1 ~ p(z1|z2).
+        """
+        if self.ladder is None:
+            return sample_prior(self.prior, self._gaussian_encode, self.latent_mask, keys, n)
+        eps = noise.normal(keys, (n, 2, self.latent_max))
+        z2 = eps[:, :, 1] * self.ladder.latent2_mask.unsqueeze(1)
+        mu_p, lv_p = self.ladder.prior1(z2, self.latent_mask.unsqueeze(1))
+        return (mu_p + torch.exp(0.5 * lv_p) * eps[:, :, 0]) * self.latent_mask.unsqueeze(1)
+
+    # ------------------------------------------------------------------------------ training
+    def forward(self, x: Tensor, key: Tensor, kl_weight: Tensor, capacity: Tensor, free_bits: Tensor) -> VAEOutput:
+        """One stochastic pass: x (S, B, D), per-slot keys (S,) and schedule values (S,)."""
+        local = self.local_posterior(x, key)
+        eps = noise.normal(noise.derive(key, _STREAM_EPS), (x.shape[1], *self.noise_shape))  # (S, B, *noise)
+        z, kl_per_dim = self.sample(local, eps)  # (S, B, Zk) each, 0 on padding
+        recon = -self.log_likelihood(x, self.decode(z[..., : self.latent_max], key)).mean(1)  # (S,)
+        kl = kl_per_dim.sum(-1).mean(1)
+        kl_term = free_bits_kl(kl_per_dim, free_bits, self.kl_mask)
+        loss = recon + kl_weight * (kl_term - capacity).abs()
+        return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
+
+    # -------------------------------------------------------------------- local posteriors
+    def local_posterior(self, x: Tensor, dropout_key: Tensor | None = None) -> dict[str, Tensor]:
+        """The encoder's per-example variational parameters for x (S, B, D), each (S, B, ...).
+
+        Amortization makes one encoder guess these for every x; analyses that instead optimize
+        them per example (the amortization gap) start from this dict, change its tensors and score
+        them with :meth:`neg_elbo_local`. Global parameters (weights, a prior, a flow) stay in the model.
+        Keys: ``mu``, ``logvar`` (level 1's bottom-up estimate for the ladder); IAF adds its context
+        ``h``; the ladder adds ``mu2``, ``logvar2`` (q(z2|x)).
+        """
+        h = self._features(x, dropout_key)
+        mu, logvar = self._heads(h)
+        local = {"mu": mu, "logvar": logvar}
+        if self.flow is not None:
+            local["h"] = h
+        if self.ladder is not None:
+            local["mu2"], local["logvar2"] = self.ladder.top(h)
+        return local
+
+    def neg_elbo_local(self, x: Tensor, local: dict[str, Tensor], keys: Tensor, samples: int = 1) -> Tensor:
+        """-ELBO (beta = 1) of every example given its local posterior: (S, B) nats.
+
+        keys (S, B) int64, one per example; sample j draws eps from ``noise.derive(keys, j)``, so
+        the estimate is a pure function of the keys and is differentiable in ``local``. The KL is
+        the family's estimate from :meth:`sample` (analytic for the default family).
+        """
+        mu = local["mu"]
+        mask = self.latent_mask.unsqueeze(1)
+        total = torch.zeros(mu.shape[:2], device=mu.device)
+        if self.closed_form:
+            logvar = local["logvar"]
+            for j in range(samples):
+                eps = noise.normal(noise.derive(keys, j).reshape(-1), (mu.shape[-1],)).view_as(mu)
+                z = (mu + torch.exp(0.5 * logvar) * eps) * mask
+                total = total - self.log_likelihood(x, self.decode(z))
+            kl = (gaussian_kl_per_dim(mu, logvar) * mask).sum(-1)
+            return total / samples + kl
+        for j in range(samples):
+            eps = noise.normal(noise.derive(keys, j).reshape(-1), self.noise_shape).view(*mu.shape[:2], *self.noise_shape)
+            z, kl = self.sample(local, eps)
+            total = total - self.log_likelihood(x, self.decode(z[..., : self.latent_max])) + kl.sum(-1)
+        return total / samples
