@@ -30,7 +30,7 @@ from typing import Any
 
 import sqlalchemy
 
-__all__ = ["budget_lock"]
+__all__ = ["budget_lock", "file_lock"]
 
 
 def _key(study_name: str) -> int:
@@ -71,12 +71,18 @@ def budget_lock(storage: Any, study_name: str) -> Iterator[None]:
             finally:
                 conn.close()
     elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        path = Path(f"{engine.url.database}.budget-lock")
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(Path(f"{engine.url.database}.budget-lock")):
+            yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for one host's processes."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

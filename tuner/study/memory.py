@@ -16,13 +16,14 @@ A CUDA out-of-memory error halves the limit; the worker hands the evicted trials
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from tuner.store.budget_lock import file_lock
 
 if TYPE_CHECKING:
     from tuner.study.spec import StudySpec
@@ -88,13 +89,8 @@ def _gpu_lock(device: torch.device) -> Iterator[None]:
         name = str(torch.cuda.get_device_properties(device).uuid)
     except (AttributeError, RuntimeError):
         name = str(device.index or 0)
-    path = Path(tempfile.gettempdir()) / f"tuner-gpu-{name}.lock"
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(Path(tempfile.gettempdir()) / f"tuner-gpu-{name}.lock"):
+        yield
 
 
 def auto_slots(device: torch.device, spec: StudySpec, data_dim: int) -> int:
