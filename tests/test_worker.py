@@ -46,6 +46,7 @@ def study_yaml(tmp_path: Path, npz: Path, name: str, url: str, **over: Any) -> P
         "pruner": {"name": "none"},
         "budget": {"trials": 4, "epochs": 3},
         "workers": {"count": 2, "heartbeat_interval": 1, "grace_period": 3},
+        "enqueue_base": False,  # trials as the sampler (or a test's enqueue) orders them; tests/test_start.py
     }
     for key, value in over.items():
         spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value

@@ -89,9 +89,15 @@ def run(
     artifacts: Annotated[Optional[Path], typer.Option(help="Checkpoint/artifact root (default: beside the store).")] = None,
     launcher: Annotated[str, typer.Option(help="local (processes on this host) or ray (actors on a Ray cluster).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (ray launcher; default: start a local instance).")] = None,
+    warm_start: Annotated[Optional[str], typer.Option("--warm-start", metavar="STUDY",
+                          help="Enqueue the best configs of this earlier study first.")] = None,
+    warm_from: Annotated[Optional[str], typer.Option("--from", metavar="URL",
+                         help="The warm start study's store (default: this study's).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="How many of the warm start study's best configs.")] = 5,
 ) -> None:
     """Create or resume a study and run workers until its budget is met."""
     from tuner.study.spec import load_study_spec
+    from tuner.study.start import WarmStart
 
     if launcher not in ("local", "ray"):
         raise TunerError(f"--launcher '{launcher}' is not a launcher; use local or ray")
@@ -99,18 +105,21 @@ def run(
         raise TunerError("--address names a Ray cluster; add --launcher ray (or drop --address)")
     if launcher == "ray" and devices:
         raise TunerError("--devices is for the local launcher; Ray gives each worker its GPU (drop --devices)")
+    if warm_from and not warm_start:
+        raise TunerError("--from names the warm start's store; add --warm-start STUDY (or drop --from)")
     spec = load_study_spec(spec_path)  # a bad spec fails here, before torch is even imported
+    warm = WarmStart(warm_start, warm_from, top) if warm_start else None
     if launcher == "ray":
         from tuner.study.ray_launch import launch_ray
 
         result = launch_ray(spec, workers=workers, storage_url=storage, address=address, artifacts=artifacts,
-                            console=err_console)
+                            console=err_console, warm=warm)
     else:
         from tuner.study.launch import launch
 
         device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
         result = launch(spec, workers=workers, storage_url=storage, devices=device_list, artifacts=artifacts,
-                        console=err_console)
+                        console=err_console, warm=warm)
     _print_ranking(result.study, spec)
     if result.interrupted:
         typer.echo(f"stopped; run `tuner run {spec_path}` again to continue the study")
@@ -247,7 +256,8 @@ def rank(
     study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
     storage: StorageOption = None,
     top: Annotated[Optional[int], typer.Option(help="Show only the best K complete trials.")] = None,
-    by: Annotated[str, typer.Option(help="nll (val IWAE NLL), recon, elbo (val -ELBO) or au (active units).")] = "nll",
+    by: Annotated[str, typer.Option(help="nll (val IWAE NLL), recon, elbo (val -ELBO), au (active units) or "
+                                         "confirmed (tuner confirm's mean test NLL over seeds).")] = "nll",
     include_collapsed: Annotated[bool, typer.Option(help="Rank collapsed trials by the metric alone (default: last).")] = False,
     states: Annotated[str, typer.Option(help="Trial states to list, e.g. complete,pruned,fail (with reasons).")] = "complete",
     fmt: Annotated[str, typer.Option("--format", help="table, csv, json, parquet or markdown.")] = "table",
@@ -273,12 +283,35 @@ def rank(
 
 
 @app.command()
+def confirm(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
+    top: Annotated[int, typer.Option(min=1, help="How many of the best complete trials to retrain.")] = 3,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per trial in all (stored reruns count; a rerun adds the rest).")] = 3,
+    storage: StorageOption = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Retrain the best trials with fresh seeds (same split), store test NLL over seeds on the study."""
+    from tuner.results.confirm import confirm_study, worse_than_next
+    from tuner.store.urls import DEFAULT_URL
+    from tuner.study.open import open_study
+
+    found = open_study(storage or DEFAULT_URL, study)
+    summaries = confirm_study(found, top=top, seeds=seeds, device=device, log=err_console.print)
+    worse = worse_than_next(list(summaries.values()))
+    typer.echo("confirmed (test iwae_nll over seeds, nats; validation rank order):")
+    for number, c in summaries.items():
+        note = f"  worse than trial {worse[number]} beyond the sds" if number in worse else ""
+        typer.echo(f"  trial {number}: {c.text}, collapse rate {c.collapse_rate:.0%}{note}")
+
+
+@app.command()
 def export(
     study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write trial-<n>.yaml, checkpoints, ranking.csv.")],
     top: Annotated[int, typer.Option(help="How many of the best trials to export.")] = 1,
     storage: StorageOption = None,
-    by: Annotated[str, typer.Option(help="nll, recon, elbo or au (as in `tuner rank`).")] = "nll",
+    by: Annotated[str, typer.Option(help="auto (confirmed when `tuner confirm` ran, else nll), nll, recon, elbo, au or "
+                                         "confirmed (as in `tuner rank`).")] = "auto",
     include_collapsed: Annotated[bool, typer.Option(help="Rank collapsed trials by the metric alone.")] = False,
     artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root the workers used (default: beside the store).")] = None,
 ) -> None:

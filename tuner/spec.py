@@ -160,6 +160,10 @@ class KLConfig(StrictModel):
 class TrainLoopConfig(StrictModel):
     """Epoch budget, early stopping and final evaluation.
 
+    objective: what training minimizes: ``elbo`` (the -ELBO with the KL schedule, free bits and
+    capacity) or ``iwae`` (the k-sample importance-weighted bound, Burda et al. 2015, its log-weights
+    log p(x|z) - w (log q(z|x) - log p(z)) with w the KL schedule's weight: w = 1 is the IWAE bound;
+    free bits and capacity do not apply). k: samples per example for ``iwae`` (ignored by ``elbo``).
     patience: stop after this many epochs without a better validation -ELBO (0 = never stop early).
     restore_best: evaluate (and save) the weights of the best validation epoch, not the last.
     iwae_k: importance samples for the final IWAE NLL (Burda et al. 2015).
@@ -169,6 +173,8 @@ class TrainLoopConfig(StrictModel):
     """
 
     epochs: int = Field(50, ge=1, le=100000)
+    objective: Literal["elbo", "iwae"] = "elbo"
+    k: int = Field(5, ge=1, le=1000)
     patience: int = Field(0, ge=0)
     restore_best: bool = True
     iwae_k: int = Field(200, ge=1, le=100000)

@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 
 from tuner.errors import TunerError
+from tuner.results.confirm import confirmed
 from tuner.results.ranking import rank_study, render_ranking
 from tuner.spec import config_to_yaml, parse_config
 from tuner.store.urls import check_storage, mask_url, open_storage
@@ -36,7 +37,7 @@ class ExportResult:
 
 
 def export_top(
-    storage_url: str, study_name: str, out_dir: str | Path, *, top: int = 1, by: str = "nll",
+    storage_url: str, study_name: str, out_dir: str | Path, *, top: int = 1, by: str = "auto",
     include_collapsed: bool = False, artifacts: str | Path | None = None,
 ) -> ExportResult:
     """Write the ``top`` best trials' configs (and checkpoints) and the full ranking into ``out_dir``.
@@ -49,10 +50,13 @@ def export_top(
         raise TunerError(f"--top must be at least 1, but got top={top}; give the number of trials to export")
     from tuner.store.artifacts import artifacts_root  # (imports torch: only when there is something to export)
 
+    if by == "auto":  # confirmed trials (tuner confirm) ranked by their mean over seeds, else validation NLL
+        by = "confirmed" if confirmed(open_study(storage_url, study_name)) else "nll"
     study, frame = rank_study(storage_url, study_name, by=by, include_collapsed=include_collapsed)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     root = artifacts_root(storage_url, artifacts) / study_key(study)  # checkpoints: keyed by the study's identity
     files: dict[str, str | Path] = {}  # file name -> text, or a file to copy
+    summaries = confirmed(study)
     for number in frame["trial"].head(top):
         t = trials[int(number)]
         if "config" not in t.user_attrs:
@@ -60,7 +64,10 @@ def export_top(
                              "it was not run by tuner's worker and cannot be exported")
         config = parse_config(t.user_attrs["config"], source=f"study '{study_name}' trial {number} config")
         header = (f"# study '{study_name}', trial {number}: val iwae_nll {t.user_attrs.get('iwae_nll')}, "
-                  f"test iwae_nll {t.user_attrs.get('test_iwae_nll')} (nats)\n# rerun: tuner train trial-{number}.yaml "
+                  f"test iwae_nll {t.user_attrs.get('test_iwae_nll')} (nats)\n"
+                  + (f"# confirmed over seeds (test iwae_nll): {summaries[int(number)].text}\n"
+                     if int(number) in summaries else "")
+                  + f"# rerun: tuner train trial-{number}.yaml "
                   f"--out runs/trial-{number}\n")
         files[f"trial-{number}.yaml"] = header + config_to_yaml(config)
         checkpoint = root / str(number) / "checkpoint.pt"

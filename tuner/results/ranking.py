@@ -22,13 +22,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.atomic import write_atomic
 from tuner.errors import TunerError
+from tuner.results.confirm import Confirmed, confirmed, worse_than_next
 from tuner.study.open import open_study
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 __all__ = [
-    "FORMATS", "METRIC_COLUMNS", "PARETO_OBJECTIVES", "RANK_BY", "STATES", "pareto_front",
+    "CONFIRM_COLUMNS", "FORMATS", "METRIC_COLUMNS", "PARETO_OBJECTIVES", "RANK_BY", "STATES", "pareto_front",
     "rank_study", "ranking_frame", "ranking_records", "ranking_table", "render_ranking", "save_ranking",
 ]
 
@@ -42,7 +43,11 @@ METRIC_COLUMNS = (
 # active units is better
 RANK_BY: dict[str, tuple[str, bool]] = {
     "nll": ("iwae_nll", True), "recon": ("recon", True), "elbo": ("neg_elbo", True), "au": ("active_units", False),
+    "confirmed": ("confirmed_nll", True),  # `tuner confirm`'s mean test IWAE NLL over seeds; unconfirmed last
 }
+# `tuner confirm`'s summary per trial (tuner.results.confirm): test IWAE NLL mean, sd and n over the
+# reruns' seeds, and a note where a trial's mean is worse than the next confirmed one's beyond the sds
+CONFIRM_COLUMNS = ("confirmed_nll", "confirmed_sd", "confirmed_n", "confirm_note")
 PARETO_OBJECTIVES = ("iwae_nll", "recon", "inactive_fraction")  # all minimized
 STATES: dict[str, TrialState] = {
     "complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL,
@@ -111,6 +116,8 @@ def ranking_frame(
     done["pareto"] = pareto_front(done[list(PARETO_OBJECTIVES)].to_numpy(dtype=float))
     order = ([] if include_collapsed else ["collapsed"]) + list(dict.fromkeys([key, "iwae_nll", "trial"]))
     asc = [True if col != key else ascending for col in order]
+    summaries = confirmed(study)  # `tuner confirm`'s reruns, from the study's attrs
+    done = _with_confirmed(done, summaries)
     done = done.sort_values(order, ascending=asc, na_position="last", kind="stable")
     done = done if top is None else done.head(top)
     done.insert(0, "rank", pd.array(range(1, len(done) + 1), dtype="Int64"))
@@ -120,8 +127,31 @@ def ranking_frame(
     rest = rest.assign(rank=pd.array([pd.NA] * len(rest), dtype="Int64"), pareto=False)
     parts = [p for p in (done, rest) if not p.empty]
     out = pd.concat(parts, ignore_index=True) if parts else done.reset_index(drop=True)
-    columns = ["rank", "trial", "state", "value", *METRIC_COLUMNS[:9], "pareto", *METRIC_COLUMNS[9:], "reason"]
+    out = _confirm_notes(out, summaries)
+    columns = ["rank", "trial", "state", "value", *METRIC_COLUMNS[:9], "pareto", *METRIC_COLUMNS[9:],
+               *CONFIRM_COLUMNS, "reason"]
     return out[columns + [c for c in out.columns if c.startswith("params.")]]
+
+
+def _with_confirmed(done: pd.DataFrame, summaries: dict[int, Confirmed]) -> pd.DataFrame:
+    """The confirmed_* columns (NaN, or NA for n, where a trial was never confirmed)."""
+    pick = [summaries.get(int(t)) for t in done["trial"]]
+    return done.assign(
+        confirmed_nll=[c.nll_mean if c else np.nan for c in pick],
+        confirmed_sd=[c.nll_sd if c else np.nan for c in pick],
+        confirmed_n=pd.array([c.n if c else pd.NA for c in pick], dtype="Int64"),
+    )
+
+
+def _confirm_notes(out: pd.DataFrame, summaries: dict[int, Confirmed]) -> pd.DataFrame:
+    """confirm_note on a ranked trial whose confirmed mean is worse than the next confirmed one's
+    by more than both sds: its single-seed rank is not to be trusted."""
+    if "confirmed_nll" not in out:
+        out = out.assign(confirmed_nll=np.nan, confirmed_sd=np.nan, confirmed_n=pd.array([pd.NA] * len(out), dtype="Int64"))
+    ranked = [summaries[int(t)] for t, r in zip(out["trial"], out["rank"]) if r is not pd.NA and int(t) in summaries]
+    worse = worse_than_next(ranked)
+    notes = [f"worse than trial {worse[int(t)]} over seeds" if int(t) in worse else None for t in out["trial"]]
+    return out.assign(confirm_note=notes)
 
 
 def rank_study(
@@ -209,6 +239,8 @@ def ranking_table(frame: pd.DataFrame, title: str) -> Table:
     columns = ["rank", "trial", *short.values(), "NLL", "recon", "KL", "AU", "MI", "amort gap", "approx gap",
                "collapse", "pareto", "epochs", "state"]
     show_reason = bool(frame["reason"].notna().any())
+    show_confirmed = bool(frame["confirmed_n"].notna().any())  # after `tuner confirm`: mean ± sd (n) on test
+    columns += ["confirmed (test)"] if show_confirmed else []
     for name in columns + (["reason"] if show_reason else []):
         table.add_column(name, justify="left" if name in ("collapse", "state", "reason") else "right")
     for _, r in frame.iterrows():
@@ -219,5 +251,9 @@ def ranking_table(frame: pd.DataFrame, title: str) -> Table:
             _fmt(r["amortization_gap"]), _fmt(r["approximation_gap"]),
             "collapsed" if _truthy(r["collapsed"]) else "", "*" if r["pareto"] else "", _fmt(r["epochs"]), r["state"],
         ]
+        if show_confirmed:
+            cells.append("-" if pd.isna(r["confirmed_n"]) else
+                         f"{r['confirmed_nll']:.2f} ± {r['confirmed_sd']:.2f} (n={r['confirmed_n']})"
+                         + (f" {r['confirm_note']}" if r["confirm_note"] else ""))
         table.add_row(*cells, *([_fmt(r["reason"])] if show_reason else []))
     return table

@@ -26,8 +26,9 @@ from rich.table import Table
 
 from tuner.store.artifacts import artifacts_root
 from tuner.store.retry import is_transient
-from tuner.study.open import create_or_resume, study_counts
+from tuner.study.open import create_or_resume, open_study, study_counts
 from tuner.study.spec import StudySpec
+from tuner.study.start import WarmStart, warm_start
 
 __all__ = ["STATUS_COLUMNS", "STOP_WAIT_S", "LaunchResult", "launch", "prepare", "status_table", "study_summary", "watch_progress"]
 
@@ -105,10 +106,16 @@ def _refresh(live: Live, study: optuna.Study, spec: StudySpec, started: float, f
             raise
 
 
-def prepare(spec: StudySpec, url: str, artifacts: str | Path | None) -> tuple[LaunchResult, Path | None]:
-    """What every launcher does first: create or resume the study, then make the workers' log
-    folder; None for the folder when the budget is already met (nothing to launch)."""
-    study = create_or_resume(spec, url)
+def prepare(spec: StudySpec, url: str, artifacts: str | Path | None, warm: WarmStart | None = None,
+            console: Console | None = None) -> tuple[LaunchResult, Path | None]:
+    """What every launcher does first: read a warm start's configs from its study (a missing one
+    fails here, before anything is written), create or resume the study with them enqueued first,
+    then make the workers' log folder; None for the folder when the budget is already met."""
+    first = None
+    if warm is not None:
+        source = open_study(warm.url or url, warm.study)
+        first = warm_start(spec, source, warm, (console or Console(stderr=True)).print)
+    study = create_or_resume(spec, url, first=first)
     result = LaunchResult(study=study)
     if study_counts(study).finished >= spec.budget.trials:
         return result, None
@@ -127,11 +134,13 @@ def _worker_env(storage_url: str, threads: int, device: str | None) -> dict[str,
 def launch(
     spec: StudySpec, *, workers: int | None = None, storage_url: str | None = None, devices: list[str] | None = None,
     artifacts: str | Path | None = None, console: Console | None = None, refresh_s: float = 1.0,
+    warm: WarmStart | None = None,
 ) -> LaunchResult:
-    """Create or resume the study, run `workers` local worker processes until the budget is met."""
+    """Create or resume the study (a warm start's configs enqueued first), run `workers` local
+    worker processes until the budget is met."""
     console = console or Console(stderr=True)
     url = storage_url or spec.storage
-    result, log_dir = prepare(spec, url, artifacts)
+    result, log_dir = prepare(spec, url, artifacts, warm, console)
     if log_dir is None:
         return result
     study = result.study

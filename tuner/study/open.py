@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from tuner.errors import TunerError
 from tuner.store.cache import CachedStorage
 from tuner.store.urls import check_storage, mask_url, open_storage, store_exists
-from tuner.study import strategy
+from tuner.study import start, strategy
 from tuner.study.spec import StudySpec, parse_study_spec
 from tuner.vae.data import load_array
 
@@ -77,11 +77,15 @@ def preflight(spec: StudySpec) -> None:
     load_array(spec.base.data.dataset)
 
 
-def create_or_resume(spec: StudySpec, storage_url: str | None = None) -> optuna.Study:
-    """Create the spec's study, or resume it when it exists with the same spec."""
+def create_or_resume(spec: StudySpec, storage_url: str | None = None,
+                     first: list[dict[str, Any]] | None = None) -> optuna.Study:
+    """Create the spec's study, or resume it when it exists with the same spec. A new study
+    enqueues ``first`` (a warm start's trials), then its own first trials (:mod:`tuner.study.start`);
+    a resumed one enqueues ``first`` only (a config it already holds is not enqueued again)."""
     url = storage_url or spec.storage
     check_storage(url)
     preflight(spec)
+    own_first = start.first_trials(spec)  # a bad enqueue value fails here, before anything is written
     storage = open_storage(url)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if spec.study in existing:
@@ -95,11 +99,14 @@ def create_or_resume(spec: StudySpec, storage_url: str | None = None) -> optuna.
                 f"study '{spec.study}' exists in {mask_url(url)} with another spec; "
                 "use a new study name, or run it with the spec it was created with"
             )
-        return _optuna_study(spec, storage, create=False)
+        study = _optuna_study(spec, storage, create=False)
+        start.enqueue(study, first or [])
+        return study
     study = _optuna_study(spec, storage, create=True)
     study.set_user_attr(SPEC_ATTR, _spec_json(spec))
     study.set_user_attr(CREATED_ATTR, time.time())
     study.set_user_attr(ID_ATTR, uuid.uuid4().hex)
+    start.enqueue(study, [*(first or []), *own_first])
     return study
 
 

@@ -43,6 +43,7 @@ from tuner.store.artifacts import artifacts_root
 from tuner.store.urls import mask_url
 from tuner.study.launch import STOP_WAIT_S, LaunchResult, prepare, watch_progress
 from tuner.study.spec import StudySpec
+from tuner.study.start import WarmStart
 
 if TYPE_CHECKING:
     from tuner.study.worker_stats import WorkerSummary
@@ -173,12 +174,14 @@ def _exit_code(ray: ModuleType, ref: Any) -> int:
 def launch_ray(
     spec: StudySpec, *, workers: int | None = None, storage_url: str | None = None, address: str | None = None,
     artifacts: str | Path | None = None, console: Console | None = None, refresh_s: float = 1.0,
+    warm: WarmStart | None = None,
 ) -> LaunchResult:
-    """Create or resume the study and run `workers` Ray worker actors until its budget is met."""
+    """Create or resume the study (a warm start's configs enqueued first) and run `workers` Ray
+    worker actors until its budget is met."""
     ray = _import_ray()
     console = console or Console(stderr=True)
     url = storage_url or spec.storage
-    result, log_dir = prepare(spec, url, artifacts)
+    result, log_dir = prepare(spec, url, artifacts, warm, console)
     if log_dir is None:
         return result
     study, root = result.study, artifacts_root(url, artifacts)

@@ -18,7 +18,7 @@ from tuner.errors import TunerError
 from tuner.study.entries import CategoricalParam, FixedParam, FloatParam, IntParam, SpaceEntry
 from tuner.study.spec import StudySpec
 
-__all__ = ["active", "distributions", "grid", "sample", "size_bounds"]
+__all__ = ["active", "distributions", "fit", "grid", "sample", "size_bounds"]
 
 
 def _distribution(entry: FloatParam | IntParam | CategoricalParam) -> BaseDistribution:
@@ -65,6 +65,54 @@ def sample(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
             case CategoricalParam():
                 params[path] = trial.suggest_categorical(path, entry.choices)
     return params
+
+
+def fit(spec: StudySpec, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``values`` (dotted path -> value: a config to enqueue, an earlier study's trial) as params of
+    this spec's space, and a note per value changed or left out: numbers outside an entry's range are
+    clipped to it and snapped to its step (ints rounded), a categorical value not among the choices,
+    a path that is not a (searched) entry, or one whose ``when`` does not hold, is left out (the
+    sampler then chooses it). Pure: what :func:`tuner.study.start` enqueues."""
+    params: dict[str, Any] = {}
+    notes: list[str] = []
+    fixed = {path: e.value for path, e in spec.space.items() if isinstance(e, FixedParam)}
+    for path, entry in _in_dependency_order(spec):
+        if path not in values or isinstance(entry, FixedParam):
+            continue
+        value = values[path]
+        if not entry.applies({**fixed, **params}):
+            notes.append(f"{path}: left out (applies only when {entry.when})")
+            continue
+        match entry:
+            case CategoricalParam():
+                if value in entry.choices:
+                    params[path] = entry.choices[entry.choices.index(value)]
+                else:
+                    notes.append(f"{path}: {value!r} left out (not among the choices {entry.choices})")
+            case FloatParam() | IntParam():
+                fitted = _fit_number(entry, value)
+                if fitted is None:
+                    notes.append(f"{path}: {value!r} left out (not a number)")
+                    continue
+                if fitted != value:
+                    notes.append(f"{path}: {value!r} -> {fitted!r} (range [{entry.low}, {entry.high}]"
+                                 + (f", step {entry.step})" if entry.step else ")"))
+                params[path] = fitted
+    for path in sorted(set(values) - set(spec.space)):
+        notes.append(f"{path}: left out (not in this space)")
+    return params, notes
+
+
+def _fit_number(entry: FloatParam | IntParam, value: Any) -> float | int | None:
+    """A number clipped to the entry's range and snapped to its step (a grid point, exactly); None
+    for what is not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    v = min(max(value, entry.low), entry.high)
+    if entry.step:
+        n = round((v - entry.low) / entry.step)
+        v = _float_grid(entry.low, entry.high, entry.step)[n] if isinstance(entry, FloatParam) else entry.low + n * entry.step
+    return int(round(v)) if isinstance(entry, IntParam) else float(v)
 
 
 def _float_grid(low: float, high: float, step: float) -> list[float]:

@@ -240,6 +240,9 @@ class StudySpec(StrictModel):
     checked at its extremes against TrainConfig's rules, so a bad range fails here, not in trial 37.
     objective: ``iwae_nll`` (validation IWAE NLL, nats), ``neg_elbo`` (validation -ELBO, nats) or
     ``multi`` (IWAE NLL and the inactive latent fraction, both minimized; no pruning).
+    enqueue_base: a new study's first trial is the base config where its values lie in the space
+    (what is known to work: the documented defaults, unless the base says otherwise); enqueue: more
+    configs (space paths -> values) to try next, each value within its entry (:mod:`tuner.study.start`).
     """
 
     study: str
@@ -252,6 +255,8 @@ class StudySpec(StrictModel):
     budget: BudgetSpec = BudgetSpec()
     workers: WorkersSpec = WorkersSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()
+    enqueue_base: bool = True
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("study")
     @classmethod
@@ -298,6 +303,10 @@ class StudySpec(StrictModel):
             )
         if self.objective == "multi" and self.sampler.name == "cmaes":
             raise ValueError("sampler.name: cmaes is single-objective and cannot run objective 'multi'; use tpe")
+        for i, values in enumerate(self.enqueue):
+            unknown = sorted(set(values) - set(self.space))
+            if unknown:
+                raise ValueError(f"enqueue[{i}]: {unknown[0]} is not in the space; list space entries only")
         if self.sampler.name == "grid":
             for path, entry in self.space.items():
                 if isinstance(entry, FloatParam) and entry.step is None:

@@ -45,12 +45,13 @@ from tuner.vae.population import EpochResult, PopulationShape, SlotState, build_
 if TYPE_CHECKING:  # the engine imports with torch and numpy alone (no pydantic on a bare GPU box)
     from tuner.spec import TrainConfig
 
-__all__ = ["PRECISIONS", "Population", "resolve_precision"]
+__all__ = ["PRECISIONS", "VAL_SAMPLES", "Population", "resolve_precision"]
 
 _STREAM_PERM, _STREAM_STEP, _STREAM_BINARIZE, _STREAM_VALID = 11, 12, 13, 14
 # the flat parameter's views are strided across slots; their gradients accumulate in place all the same
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-_EVAL_ELEMENTS = 1 << 23  # floats per validation batch across slots (bounds memory)
+VAL_SAMPLES = 4  # z draws per validation example (the per-epoch -ELBO that picks the best epoch)
+VAL_BATCH = 50  # validation rows per batch: fixed, so noise does not depend on the population's size
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 _HYPERPARAMETERS = (
@@ -269,7 +270,8 @@ class Population:
             x = self._batch(order[:, t * b : (t + 1) * b], step_keys)  # (S, B, D)
             # (the autocast cache is off: under graph capture it would outlive what it caches)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
-                out = self.model(x, step_keys, kl_w, cap, self.hp["free_bits"])
+                out = self.model(x, step_keys, kl_w, cap, self.hp["free_bits"], samples=self.shape.samples,
+                                 iwae=self.shape.objective == "iwae")
             loss = out.loss.float()  # (S,); bf16 autocast may hand back bfloat16
             ok = live & torch.isfinite(loss)
             # 3. backward on the SUM of slot losses: each slot gets exactly its own gradient
@@ -294,18 +296,22 @@ class Population:
 
     @torch.no_grad()
     def validate(self, x: Tensor | None = None) -> dict[str, Tensor]:
-        """Single-sample -ELBO (beta = 1), recon and KL of every slot on x (default: val split), (S,)."""
+        """-ELBO (beta = 1), recon and KL of every slot on x (default: val split), (S,) nats.
+
+        Each example's value is the mean over VAL_SAMPLES draws of z with fixed noise (per slot seed,
+        batch of VAL_BATCH rows and draw): the curve moves only when the model does, and the best
+        epoch (and every prune decision) is chosen on an estimate a quarter as noisy in its variance
+        as one draw's. Batches have a fixed number of rows, so a slot's noise does not depend on the
+        population it validates in."""
         self.model.eval()
         x = self.splits.val if x is None else x
-        n, d = x.shape
-        batch = max(1, min(n, _EVAL_ELEMENTS // (self.slots * d)))
+        n = x.shape[0]
         sums = {k: torch.zeros(self.slots, device=self.device) for k in ("neg_elbo", "recon", "kl")}
         zeros = torch.zeros(self.slots, device=self.device)
-        for i, start in enumerate(range(0, n, batch)):
-            xb = x[start : start + batch].unsqueeze(0).expand(self.slots, -1, -1)
-            # fixed noise per (slot seed, batch): the curve moves only when the model does
+        for i, start in enumerate(range(0, n, VAL_BATCH)):
+            xb = x[start : start + VAL_BATCH].unsqueeze(0).expand(self.slots, -1, -1)
             key = noise.derive(self.keys, _STREAM_VALID, i)
-            out = self.model(xb, key, zeros + 1.0, zeros, zeros)
+            out = self.model(xb, key, zeros + 1.0, zeros, zeros, samples=VAL_SAMPLES)
             for k in sums:
                 sums[k] += getattr(out, k) * xb.shape[1]
         return {k: v / n for k, v in sums.items()}

@@ -307,15 +307,38 @@ class VAE(nn.Module):
         return (mu_p + torch.exp(0.5 * lv_p) * eps[:, :, 0]) * self.latent_mask.unsqueeze(1)
 
     # ------------------------------------------------------------------------------ training
-    def forward(self, x: Tensor, key: Tensor, kl_weight: Tensor, capacity: Tensor, free_bits: Tensor) -> VAEOutput:
-        """One stochastic pass: x (S, B, D), per-slot keys (S,) and schedule values (S,)."""
+    def forward(
+        self, x: Tensor, key: Tensor, kl_weight: Tensor, capacity: Tensor, free_bits: Tensor, samples: int = 1,
+        iwae: bool = False,
+    ) -> VAEOutput:
+        """One stochastic pass: x (S, B, D), per-slot keys (S,) and schedule values (S,).
+
+        samples: z draws per example (the encoder runs once); recon, KL and -ELBO are their means.
+        iwae: the loss is the ``samples``-draw importance-weighted bound with log-weights
+        log p(x|z) - kl_weight * (log q(z|x) - log p(z)) instead of the -ELBO with the KL schedule.
+        """
         local = self.local_posterior(x, key)
-        eps = noise.normal(noise.derive(key, _STREAM_EPS), (x.shape[1], *self.noise_shape))  # (S, B, *noise)
-        z, kl_per_dim = self.sample(local, eps)  # (S, B, Zk) each, 0 on padding
-        recon = -self.log_likelihood(x, self.decode(z[..., : self.latent_max], key)).mean(1)  # (S,)
-        kl = kl_per_dim.sum(-1).mean(1)
-        kl_term = free_bits_kl(kl_per_dim, free_bits, self.kl_mask)
-        loss = recon + kl_weight * (kl_term - capacity).abs()
+        if samples == 1 and not iwae:  # the -ELBO from one draw: the default training step
+            eps = noise.normal(noise.derive(key, _STREAM_EPS), (x.shape[1], *self.noise_shape))  # (S, B, *noise)
+            z, kl_per_dim = self.sample(local, eps)  # (S, B, Zk) each, 0 on padding
+            recon = -self.log_likelihood(x, self.decode(z[..., : self.latent_max], key)).mean(1)  # (S,)
+            kl = kl_per_dim.sum(-1).mean(1)
+            kl_term = free_bits_kl(kl_per_dim, free_bits, self.kl_mask)
+            loss = recon + kl_weight * (kl_term - capacity).abs()
+            return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
+        s, b = x.shape[:2]
+        # draws (S, k, B, *noise) flattened to rows ordered (k, b), the posteriors tiled to match
+        eps = noise.normal(noise.derive(key, _STREAM_EPS), (samples, b, *self.noise_shape)).flatten(1, 2)
+        tiled = {name: v.repeat(1, samples, *([1] * (v.dim() - 2))) for name, v in local.items()}
+        # mc: the sampled log q(z|x) - log p(z) per draw, what an importance weight needs
+        z, kl_per_dim = self.sample(tiled, eps, mc=iwae)  # (S, kB, Zk)
+        ll = self.log_likelihood(x.repeat(1, samples, 1), self.decode(z[..., : self.latent_max], key))  # (S, kB)
+        recon, kl = -ll.mean(1), kl_per_dim.sum(-1).mean(1)
+        if iwae:
+            log_w = (ll - kl_weight.unsqueeze(1) * kl_per_dim.sum(-1)).view(s, samples, b)
+            loss = -(torch.logsumexp(log_w, dim=1) - math.log(samples)).mean(1)
+        else:
+            loss = recon + kl_weight * (free_bits_kl(kl_per_dim, free_bits, self.kl_mask) - capacity).abs()
         return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
 
     # -------------------------------------------------------------------- local posteriors

@@ -29,9 +29,11 @@ class PopulationShape:
     """What slots of one population must share: everything that cannot be masked per slot.
 
     The model family is part of it (posterior, flow steps, prior, mixture components, hierarchy):
-    each changes the set or the shapes of the weights. A field a family does not use is stored as
-    its neutral value (flow_steps 0 unless iaf, prior_components 0 unless mog/vamp), so configs that
-    differ only in an ignored field share a population. The ladder's latent2 is masked like latent.
+    each changes the set or the shapes of the weights. So is the training objective with its sample
+    count (``samples``: 1 for the -ELBO, k for the IWAE bound): it sets the step's tensor shapes.
+    A field a family does not use is stored as its neutral value (flow_steps 0 unless iaf,
+    prior_components 0 unless mog/vamp, samples 1 for the ELBO), so configs that differ only in an
+    ignored field share a population. The ladder's latent2 is masked like latent.
     """
 
     arch: str
@@ -45,16 +47,18 @@ class PopulationShape:
     prior: str = "normal"
     prior_components: int = 0
     hierarchy: str = "flat"
+    objective: str = "elbo"
+    samples: int = 1  # z draws per example in a training step (the IWAE bound's k)
 
     @classmethod
     def of(cls, config: TrainConfig) -> PopulationShape:
-        m = config.model
+        m, t = config.model, config.train
         channels = m.channels if m.arch == "conv" else 0
         return cls(
             m.arch, m.depth, channels, m.likelihood, config.optim.batch_size, config.optim.name,
             posterior=m.posterior, flow_steps=m.flow_steps if m.posterior == "iaf" else 0,
             prior=m.prior, prior_components=m.prior_components if m.prior != "normal" else 0,
-            hierarchy=m.hierarchy,
+            hierarchy=m.hierarchy, objective=t.objective, samples=t.k if t.objective == "iwae" else 1,
         )
 
 
