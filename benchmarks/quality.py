@@ -2,13 +2,16 @@
 
     python benchmarks/quality.py [--config configs/mnist-mlp.yaml] [--epochs N] [--device auto]
     python benchmarks/quality.py --families gaussian,mog,vamp,iaf,ladder [--epochs N]
+    python benchmarks/quality.py --families gaussian --objectives elbo,iwae [--k 5]
 
 The foundation's quality bar: the default config, 50 epochs on CPU, reaches a test IWAE NLL
 (K=200) of at most 108 nats on mnist5k with the seeded 3500/500/1000 split.
 ``--families`` trains the same config once per model family (FAMILIES: the model fields each
 sets) at the same epoch budget and prints one row per family: test IWAE NLL, -ELBO, KL, active
 units, MI (for non-Gaussian families KL and MI are estimates: see tuner.vae.metrics) and the
-amortization and approximation gaps (tuner.vae.gaps).
+amortization and approximation gaps (tuner.vae.gaps). ``--objectives`` trains each family once per
+training objective (``train.objective``: ``elbo``, or ``iwae`` with ``--k`` samples, Burda et al.
+2015); the rows of the IWAE objective are named ``<family>/iwae<k>``.
 """
 
 from __future__ import annotations
@@ -38,27 +41,32 @@ FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "
                   "approximation_gap", "train_s")
 
 
-def family_config(config: TrainConfig, family: str) -> TrainConfig:
-    """`config` with the family's model fields (validated again)."""
+def family_config(config: TrainConfig, family: str, objective: str = "elbo", k: int = 5) -> TrainConfig:
+    """`config` with the family's model fields and the training objective (validated again)."""
     raw = config.model_dump(mode="json")
     raw["model"].update(FAMILIES[family])
+    raw["train"].update(objective=objective, k=k)
     return parse_config(raw, source=f"family {family}")
 
 
-def family_rows(config: TrainConfig, families: list[str], device: str) -> Iterator[dict[str, Any]]:
-    """One row per family as it finishes: the family's name and its test metrics (metrics.json's keys)."""
+def family_rows(config: TrainConfig, families: list[str], device: str, objectives: tuple[str, ...] = ("elbo",),
+                k: int = 5) -> Iterator[dict[str, Any]]:
+    """One row per family and objective as it finishes: its name and its test metrics (metrics.json's keys)."""
     for family in families:
-        with tempfile.TemporaryDirectory() as out:
-            yield {"family": family, **train_config(family_config(config, family), out, device=device).metrics}
+        for objective in objectives:
+            name = family if objective == "elbo" else f"{family}/iwae{k}"
+            with tempfile.TemporaryDirectory() as out:
+                metrics = train_config(family_config(config, family, objective, k), out, device=device).metrics
+            yield {"family": name, **metrics}
 
 
 def print_family_table(rows: Iterable[dict[str, Any]]) -> None:
     """The table, a row printed as soon as its family is trained (a long run shows progress)."""
-    print(f"{'family':<10}" + "".join(f"{c:>18}" for c in FAMILY_COLUMNS), flush=True)
+    print(f"{'family':<14}" + "".join(f"{c:>18}" for c in FAMILY_COLUMNS), flush=True)
     for row in rows:
         values = (row.get(c, "-") for c in FAMILY_COLUMNS)  # no gaps when train.gap_examples is 0
         cells = (f"{v:>18.2f}" if isinstance(v, float) else f"{v!s:>18}" for v in values)
-        print(f"{row['family']:<10}" + "".join(cells), flush=True)
+        print(f"{row['family']:<14}" + "".join(cells), flush=True)
 
 
 def main() -> None:
@@ -67,7 +75,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--families", default=None, help=f"comma-separated, of {', '.join(FAMILIES)}")
+    parser.add_argument("--objectives", default="elbo", help="comma-separated, of elbo, iwae (with --families)")
+    parser.add_argument("--k", type=int, default=5, help="samples per example of the iwae objective")
     args = parser.parse_args()
+    objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    if not objectives or set(objectives) - {"elbo", "iwae"} or args.k < 1:
+        parser.error("--objectives: a comma-separated list of elbo, iwae (and --k at least 1)")
     config = load_config(args.config)
     if args.epochs is not None:
         config = with_epochs(config, args.epochs, source=args.config)
@@ -77,7 +90,7 @@ def main() -> None:
         if unknown or not families:
             parser.error(f"--families: unknown {unknown}; use a comma-separated list of {', '.join(FAMILIES)}")
         print(f"config: {args.config} ({config.train.epochs} epochs each, test split, K={config.train.iwae_k})")
-        print_family_table(family_rows(config, families, args.device))
+        print_family_table(family_rows(config, families, args.device, objectives, args.k))
         return
     with tempfile.TemporaryDirectory() as out:
         m = train_config(config, out, device=args.device).metrics

@@ -3,11 +3,13 @@ stores) and print tables whose numbers parse and add up."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from stores import bench_databases  # benchmarks/stores.py (tests/conftest.py puts it on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,15 +93,22 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert set(e2e["training_thread_s"]) >= {"compute", "bookkeeping"}
 
 
-def test_plain_optuna_prints_both_setups_on_the_same_budget() -> None:
-    out = run_script("plain_optuna.py", "--seconds", "12", "--epochs", "1")
-    rows = table(out, "setup")
-    assert set(rows) == {"plain-optuna", "tuner"}
-    for name, (strategy, trials, complete, pruned, epochs, best, late, wall) in rows.items():
-        trials, complete, pruned, epochs = int(trials), int(complete), int(pruned), int(epochs)
-        assert trials == complete + pruned and epochs >= trials and int(late) >= 0, name
-        assert float(wall) >= 12.0, name  # each setup ran at least the wall time T
-        assert math.isnan(float(best)) == (complete == 0), name
-    assert strategy.startswith("tpe+hyperband")
-    assert int(rows["plain-optuna"][1]) >= 1  # plain Optuna finishes 1-epoch trials within 12 s
-    assert any(line.startswith("difference") for line in out.splitlines())
+def test_search_race_scores_every_arm_on_the_same_split(tmp_path: Path, small_npz: Path) -> None:
+    spec = yaml.safe_load((ROOT / "studies" / "mnist.yaml").read_text())
+    spec["base"].update(data={"dataset": f"npz:{small_npz}"}, model={"arch": "mlp", "hidden": 32},
+                        train={"iwae_k": 5})
+    spec["space"] = {k: v for k, v in spec["space"].items() if k not in ("model.hidden", "model.depth")}
+    spec["budget"]["epochs"], spec["enqueue"] = 1, []  # (its listed config names the entries left out here)
+    path = tmp_path / "race.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = run_script("search_race.py", "--spec", str(path), "--seconds", "12", "--repeats", "1", "--workers", "1", "--target", "1000",
+                     "--json", str(tmp_path / "race.json"), timeout=240)
+    rows = table(out, "arm test_nll")
+    assert set(rows) == {"tuner", "plain-same", "plain-textbook"}
+    runs = json.loads((tmp_path / "race.json").read_text())["runs"]
+    assert [r["arm"] for r in runs] == ["tuner", "plain-same", "plain-textbook"]
+    for r in runs:
+        row = rows[r["arm"]]
+        assert r["trials"] >= r["complete"] >= 1 and r["epochs"] >= r["trials"], r  # 1 epoch each
+        assert row[0] == f"{r['test_nll']:.2f}±0.00" and 0 < r["test_nll"] < 1000 and r["reached_s"] <= r["wall_s"]
+        assert row[2] == "1/1"  # every arm reached the (loose) target

@@ -74,6 +74,14 @@ def test_writer_writes_atomically_coalesces_and_reports_errors(tmp_path: Path) -
         writer.flush()
         assert sorted(p.parent.name for p in tmp_path.rglob("checkpoint.pt")) == list("abcdef")
 
+        # a cancelled path (its trial ended) takes no later checkpoint: the training thread may queue
+        # one after the bookkeeper ended the trial, and retention may delete the folder mid-write
+        ended = tmp_path / "pruned" / "checkpoint.pt"
+        writer.cancel(ended)
+        writer.put(FakeSnapshot(9), ended)
+        writer.flush()
+        assert not ended.parent.exists() and writer.stats.dropped == 1
+
         # a write that fails surfaces at the next flush, as one TunerError naming the folder
         writer.put(FakeSnapshot(8, error=OSError(28, "No space left on device")), tmp_path / "g" / "checkpoint.pt")
         with pytest.raises(TunerError, match="cannot write a checkpoint under .*g: .*No space left"):

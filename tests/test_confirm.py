@@ -12,6 +12,7 @@ import optuna
 import pytest
 from optuna.trial import create_trial
 from test_ranking import HEALTHY_A, HEALTHY_B, Built, build_study, cli
+from test_report import sections
 
 from tuner.results.confirm import ATTR_PREFIX, Rerun, confirm_study, confirmed, replicate_seed, reruns
 from tuner.results.export import backup_study, export_top
@@ -79,6 +80,14 @@ def test_confirm_stores_each_rerun_adds_seeds_and_resumes(built: Built, capsys, 
     best = min(means, key=means.get)
     assert result.configs[0].name == f"trial-{best}.yaml"
     assert f"# confirmed over seeds (test iwae_nll): {confirmed(study)[best].text}" in result.configs[0].read_text()
+    # and the report draws them with error bars
+    page = built.art.parent / "report.html"
+    code, _, err = cli(capsys, monkeypatch, "report", built.name, "--storage", built.url, "--artifacts",
+                       str(built.art), "--out", str(page))
+    assert code == 0, err
+    section = sections(page.read_text())["confirmed"]
+    assert 'id="fig-confirmed"' in section and '"error_y"' in section and "mean over seeds" in section
+    assert "in validation rank order" in section
 
 
 def test_confirm_runs_against_postgres(built: Built, pg_url: str, capsys, monkeypatch) -> None:

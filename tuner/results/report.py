@@ -88,6 +88,8 @@ def render_report(
         Section("importances", "Hyperparameter importances",
                 _figure_div(importances, "importances") if importances else _note(note)),
         Section("collapse", "NLL vs active units", _figure_div(_collapse_figure(frame), "collapse")),
+        *([Section("confirmed", "Confirmed over seeds", _confirmed_body(frame))]
+          if frame["confirmed_n"].notna().any() else []),
         Section("images", "Top trials' images", _images_body(study, trials, frame, store, top)),
     ]
     counts = study_counts(study)
@@ -221,6 +223,24 @@ def _collapse_figure(frame: pd.DataFrame) -> go.Figure:
                                    for n, kl in zip(part["trial"], part["kl"])])
     return _layout(fig, "active units (Cov_x E[z|x] > 0.01)", "validation IWAE NLL (nats)",
                    x_max=pd.to_numeric(frame["active_units"], errors="coerce").max())
+
+
+def _confirmed_body(frame: pd.DataFrame) -> str:
+    """`tuner confirm`'s reruns: each confirmed trial's test IWAE NLL mean with ± 1 sd error bars,
+    beside its own single-seed test NLL, in validation rank order."""
+    done = frame[frame["confirmed_n"].notna()]
+    names = [f"#{t}" for t in done["trial"]]
+    fig = go.Figure()
+    fig.add_scatter(x=names, y=done["confirmed_nll"], mode="markers", name="mean over seeds (± 1 sd)",
+                    error_y={"type": "data", "array": done["confirmed_sd"].tolist(), "visible": True},
+                    hovertext=[f"n={n}" for n in done["confirmed_n"]])
+    fig.add_scatter(x=names, y=done["test_iwae_nll"], mode="markers", name="the trial's own seed",
+                    marker={"symbol": "diamond-open"})
+    notes = [f"trial {t}: {n}" for t, n in zip(done["trial"], done["confirm_note"]) if isinstance(n, str)]
+    text = ("Test IWAE NLL of the top trials retrained with other seeds on the same split (tuner confirm), "
+            "in validation rank order." + (" " + "; ".join(notes) + "." if notes else
+                                          " No trial is worse than the next one beyond the sds."))
+    return _note(text) + _figure_div(_layout(fig, "trial (validation rank order)", "test IWAE NLL (nats)"), "confirmed")
 
 
 # ------------------------------------------------------------------------------------- HTML pieces

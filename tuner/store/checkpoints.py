@@ -169,6 +169,7 @@ class WriterStats:
     files: int = 0
     bytes: int = 0
     coalesced: int = 0
+    dropped: int = 0  # queued for a trial that had ended (cancelled path): never written
     seconds: float = 0.0  # the writer thread's wall time spent writing
 
 
@@ -186,6 +187,9 @@ class CheckpointWriter:
     Each write is atomic (temporary file, then rename), so a kill leaves the previous complete file.
     A snapshot for a path that is still waiting replaces the waiting one. ``flush`` waits until a
     path's (or every) pending checkpoint is on disk and reports a failed write as a TunerError.
+    ``cancel`` closes a path for good: the bookkeeping thread ends a trial while the training thread,
+    a prune decision behind, may still queue its next checkpoint; written, that file would land in a
+    folder that retention deletes (``TrialFiles.retain``: any worker, any time), mid-write.
     """
 
     def __init__(self, max_pending: int = 8) -> None:
@@ -195,13 +199,18 @@ class CheckpointWriter:
         self._writing: Path | None = None
         self._error: tuple[Path, BaseException] | None = None
         self._closed = False
+        self._ended: set[Path] = set()  # cancelled paths: their trials ended, nothing more is written
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="tuner-checkpoints", daemon=True)
         self._thread.start()
 
     def put(self, snapshot: SlotSnapshot, path: Path, **extra: Any) -> None:
-        """Queue ``snapshot`` (plus ``extra`` checkpoint fields) for ``path``."""
+        """Queue ``snapshot`` (plus ``extra`` checkpoint fields) for ``path``; dropped when the path
+        was cancelled (its trial ended)."""
         with self._cv:
+            if path in self._ended:
+                self.stats.dropped += 1
+                return
             if path in self._pending:
                 self.stats.coalesced += 1
                 self._pending[path] = _Pending(snapshot, path, extra)
@@ -212,8 +221,10 @@ class CheckpointWriter:
             self._cv.notify_all()
 
     def cancel(self, path: Path) -> None:
-        """Drop a checkpoint still waiting for ``path`` (its trial ended and will not be kept)."""
+        """Drop a checkpoint still waiting for ``path`` and any later one (its trial ended and will
+        not be kept)."""
         with self._cv:
+            self._ended.add(path)
             self._pending.pop(path, None)
             self._cv.notify_all()
 

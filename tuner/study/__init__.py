@@ -1,7 +1,7 @@
 """From a study spec to running workers: what to search, how, and the processes that do it.
 
 The spec (:mod:`.spec`, its space entries in :mod:`.entries`), sampling a trial's config
-(:mod:`.space`), sampler and pruner (:mod:`.strategy`), creating and resuming a study (:mod:`.open`),
+(:mod:`.space`), sampler and pruner (:mod:`.strategy`), creating and resuming a study (:mod:`.open`) and its first trials (:mod:`.start`),
 the worker and its threads (:mod:`.worker`, :mod:`.bookkeeper`, :mod:`.evaluator`,
 :mod:`.heartbeats`, :mod:`.memory`, :mod:`.worker_stats`), and the local and Ray launchers.
 
