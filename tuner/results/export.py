@@ -50,8 +50,6 @@ def export_top(
         raise TunerError(f"--top must be at least 1, but got top={top}; give the number of trials to export")
     from tuner.store.artifacts import artifacts_root  # (imports torch: only when there is something to export)
 
-    if by == "auto":  # confirmed trials (tuner confirm) ranked by their mean over seeds, else validation NLL
-        by = "confirmed" if confirmed(open_study(storage_url, study_name)) else "nll"
     study, frame = rank_study(storage_url, study_name, by=by, include_collapsed=include_collapsed)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     root = artifacts_root(storage_url, artifacts) / study_key(study)  # checkpoints: keyed by the study's identity

@@ -95,12 +95,16 @@ def ranking_frame(
 ) -> pd.DataFrame:
     """One row per trial: rank (1 is best), trial, state, value, metrics, pareto, reason, params.*.
 
-    Complete trials are ranked by ``by`` (see RANK_BY; ties by NLL, then trial number); collapsed
+    Complete trials are ranked by ``by`` (see RANK_BY, or ``auto``: ``confirmed`` when any trial
+    was confirmed, else ``nll``; ties by NLL, then trial number); collapsed
     ones after the healthy ones unless ``include_collapsed``, which ranks them by the metric alone.
     ``top`` keeps the best ``top`` complete trials. Trials in the other ``states`` (pruned, fail,
     ...) follow, unranked (rank NA), by trial number, with the prune reason or error in ``reason``.
     Empty frame when the study has no such trial.
     """
+    summaries = confirmed(study)  # `tuner confirm`'s reruns, from the study's attrs
+    if by == "auto":  # confirmed trials ranked by their mean over seeds, else validation NLL
+        by = "confirmed" if summaries else "nll"
     key, ascending = RANK_BY[_choice("--by", by, tuple(RANK_BY))]
     for name in states:
         _choice("--states", name, tuple(STATES))
@@ -116,7 +120,6 @@ def ranking_frame(
     done["pareto"] = pareto_front(done[list(PARETO_OBJECTIVES)].to_numpy(dtype=float))
     order = ([] if include_collapsed else ["collapsed"]) + list(dict.fromkeys([key, "iwae_nll", "trial"]))
     asc = [True if col != key else ascending for col in order]
-    summaries = confirmed(study)  # `tuner confirm`'s reruns, from the study's attrs
     done = _with_confirmed(done, summaries)
     done = done.sort_values(order, ascending=asc, na_position="last", kind="stable")
     done = done if top is None else done.head(top)

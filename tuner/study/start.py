@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import optuna
@@ -37,7 +38,7 @@ class WarmStart:
 
 def base_params(spec: StudySpec) -> dict[str, Any]:
     """The base config's values at the space's paths, those that lie in the space as they are."""
-    values = {path: getattr(getattr(spec.base, path.split(".")[0]), path.split(".")[1]) for path in spec.space}
+    values = {path: attrgetter(path)(spec.base) for path in spec.space}
     params, _ = space.fit(spec, values)
     return {path: v for path, v in params.items() if v == values[path]}
 

@@ -38,9 +38,8 @@ given noise), with the same noise keys per (example, sample). What is estimated 
   (each dim's share is >= 0 in expectation for mixture priors; for IAF it is an attribution that
   sums to the KL); the ladder's per level at the drawn (z1, z2). ``kl_per_dim`` lists level 1's
   dims, then level 2's (``latent_mask`` is then the model's ``kl_mask`` over both).
-
-The reconstruction term (every family) is averaged over the same K draws: a one-draw estimate's
-seed-to-seed spread was 0.15-0.3 nats on MNIST; the closed-form family's KL is analytic.
+* Reconstruction (every family): averaged over the same K draws (a one-draw estimate's seed-to-seed
+  spread was 0.15-0.3 nats on MNIST); the closed-form family's KL stays analytic.
 * IWAE NLL: log p(x|z) + log p(z) - log q(z|x) with the family's q and p (flow log-determinant
   included; for the ladder z = (z1, z2)); still an upper bound on -log p(x).
 * Active units and MI need E[z|x] and a density q(z|x_j) at other examples' z: exact for a Gaussian
