@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 from stores import store  # noqa: E402  (benchmarks/stores.py, beside this script)
 
 from tuner.spec import DataConfig, TrainConfig, parse_config  # noqa: E402
-from tuner.study.open import CREATED_ATTR  # noqa: E402
+from tuner.store.attrs import trial_config  # noqa: E402
+from tuner.study.open import started_at  # noqa: E402
 from tuner.vae import gaps, metrics  # noqa: E402
 from tuner.vae.data import Splits, load_splits  # noqa: E402
 from tuner.vae.engine import Population  # noqa: E402
@@ -126,12 +127,12 @@ def run_tuner(spec: dict[str, Any], url: str, tmp: Path) -> TunerRun:
     starts = [t.datetime_start.timestamp() for t in done]
     ends = [t.datetime_complete.timestamp() for t in done]
     return TunerRun(
-        configs=[parse_config(t.user_attrs["config"], source=f"trial {t.number} config") for t in done],
+        configs=[parse_config(trial_config(t), source=f"trial {t.number} config") for t in done],
         values=[t.value for t in done],
         wall_s=ends[-1] - starts[0],
         trial_s=[e - s for s, e in zip(starts, ends)],
         gaps_s=[s - e for e, s in zip(ends[:-1], starts[1:])],
-        startup_s=starts[0] - min(began, float(study.user_attrs.get(CREATED_ATTR, began))),
+        startup_s=starts[0] - min(began, started_at(study)),
         exit_s=ended - ends[-1],
     )
 

@@ -1,6 +1,6 @@
 """A search race: which setup finds the best VAE in the same wall time, over repeats with other seeds.
 
-    python benchmarks/search_race.py [--spec studies/mnist.yaml] [--seconds 1200] [--repeats 3]
+    python benchmarks/search_race.py [--spec studies/mnist.yaml] [--seconds 1200] [--repeats 3 | --seeds 1,2]
                                      [--workers 2] [--target 105.5] [--arms tuner,plain-same,plain-textbook]
                                      [--json race.json]
 
@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--spec", default=str(ROOT / "studies" / "mnist.yaml"), help="the tuner's study spec")
     parser.add_argument("--seconds", type=float, default=1200.0, help="wall time of each run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per arm (sampler seeds 0..R-1)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated sampler seeds instead of 0..R-1 (e.g. 1,2 to add repeats to a run of seed 0)")
     parser.add_argument("--workers", type=int, default=2, help="processes per run (one per core)")
     parser.add_argument("--target", type=float, default=105.5, help="test NLL (nats) for the time-to-target column")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
@@ -187,17 +189,23 @@ def main() -> None:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := [a for a in arms if a not in ARMS]:
         sys.exit(f"--arms: {unknown[0]!r} is not an arm; use {', '.join(ARMS)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else list(range(args.repeats))
+    except ValueError:
+        sys.exit(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 1,2")
+    if not seeds:
+        sys.exit("--seeds is empty; give at least one seed, e.g. --seeds 0")
     load_study_spec(args.spec)  # a bad spec fails here
     spec_raw = yaml.safe_load(Path(args.spec).read_text())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(f"race: {args.seconds:g} s per run, {args.workers} processes, {args.repeats} repeat(s) per arm; spec {args.spec} "
+    print(f"race: {args.seconds:g} s per run, {args.workers} processes, seeds {','.join(map(str, seeds))} per arm; spec {args.spec} "
           f"({len(spec_raw['space'])} params, up to {spec_raw['budget']['epochs']} epochs); score: the best-by-validation "
           f"trial's test IWAE NLL (nats); target {args.target:g}", flush=True)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tuner-race-") as tmp_name:
         tmp = Path(tmp_name)
         for arm in arms:
-            for seed in range(args.repeats):
+            for seed in seeds:
                 started, wall, trials = run_arm(arm, tmp, spec_raw, args.seconds, args.workers, seed)
                 runs.append({"arm": arm, "seed": seed, "wall_s": round(wall, 1),
                              **score(started, args.seconds, trials, args.target)})

@@ -1,5 +1,5 @@
-"""Trial images as Optuna artifacts: what real workers upload (every complete trial; a traversal only
-for a new best), the round trip through a real file-system store, pictures pixel by pixel, the cost
+"""Trial images as Optuna artifacts: what real workers upload (every complete trial, a traversal
+included), the round trip through a real file-system store, pictures pixel by pixel, the cost
 per trial, and a broken store that leaves the trial complete."""
 
 from __future__ import annotations
@@ -23,17 +23,24 @@ from test_worker import study_yaml
 from tuner.errors import TunerError
 from tuner.spec import parse_config
 from tuner.store.artifacts import IMAGE_NAMES, artifact_store, artifacts_root, save_images, trial_images
-from tuner.store.attrs import set_trial_attrs
+from tuner.store.attrs import set_trial_attrs, trial_config
 from tuner.study.open import create_or_resume
 from tuner.study.spec import parse_study_spec
-from tuner.study.strategy import beats_best
 from tuner.study.worker import Worker
 from tuner.vae.data import load_splits
 from tuner.vae.engine import Population
-from tuner.vae.images import ImagesUnavailable, render_images, traversal_dims
+from tuner.vae.captions import Caption, caption_layout
+from tuner.vae.images import (
+    SAMPLES_CAPTION, ImagesUnavailable, reconstruction_caption, render_images, traversal_caption, traversal_dims,
+)
 from tuner.vae.population import PopulationShape
 
 GRID = 8 * 56 + 7 * 2  # 8 tiles of 28 px scaled x2, 2 px between: 462 px
+
+
+def _captioned(caption: Caption, width: int, height: int):
+    """Where a grid of (width, height) px sits once `caption` is drawn around it (tests/test_captions.py)."""
+    return caption_layout(caption, (width, height), (56, 56), 2)
 
 
 @dataclass
@@ -79,29 +86,26 @@ def _png(data: bytes) -> Image.Image:
     return image
 
 
-def test_every_complete_trial_has_its_images_and_only_new_bests_a_traversal(built: Built) -> None:
+def test_every_complete_trial_has_its_images_and_a_traversal(built: Built) -> None:
     store = artifact_store(built.url, built.art)
     trials = sorted(built.study.get_trials(), key=lambda t: t.datetime_complete)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    best_so_far = float("inf")
-    traversals = []
     for t in trials:
         assert "artifact_error" not in t.user_attrs
         images = trial_images(built.study, t, store)
-        feasible = not t.user_attrs["collapsed"]
-        new_best = feasible and t.values[0] < best_so_far  # the study's best (feasible) trial changes
-        assert set(images) == {"reconstructions.png", "samples.png"} | ({"traversal.png"} if new_best else set())
-        if feasible:
-            best_so_far = min(best_so_far, t.values[0])
-        traversals.append("traversal.png" in images)
+        assert set(images) == set(IMAGE_NAMES)  # a traversal for every complete trial, not only a new best
         recon, samples = _png(images["reconstructions.png"]), _png(images["samples.png"])
         assert recon.mode == samples.mode == "L"  # MNIST is grayscale
-        assert recon.size == samples.size == (GRID, GRID)  # 32 inputs over outputs: 8 rows; 64 samples
-        if new_best:
-            rows = min(8, t.params["model.latent"])
-            assert _png(images["traversal.png"]).size == (9 * 56 + 8 * 2, rows * 56 + (rows - 1) * 2)
-    # the first healthy trial is the study's first best; lr 1e-6 trains nothing: collapsed, no traversal
-    assert traversals[0] and not traversals[1]
+        at = _captioned(reconstruction_caption(32), GRID, GRID)  # 32 inputs over outputs: 8 rows, each labelled
+        assert recon.size == (at.width, at.height) and at.rows_drawn
+        at = _captioned(SAMPLES_CAPTION, GRID, GRID)  # 64 samples under a title
+        assert samples.size == (at.width, at.height) == (GRID, at.top + GRID)
+        rows = min(8, t.params["model.latent"])
+        width, height = 9 * 56 + 8 * 2, rows * 56 + (rows - 1) * 2
+        layout = _captioned(traversal_caption(list(range(rows)), torch.zeros(8)), width, height)
+        traversal = _png(images["traversal.png"])
+        assert traversal.height == layout.height and traversal.width > width + 50  # + the dim/KL column
+    # lr 1e-6 trains nothing: collapsed and far worse, and its traversal is kept all the same
     assert trials[1].user_attrs["collapsed"] and trials[1].values[0] > trials[0].values[0] + 100
 
 
@@ -112,14 +116,18 @@ def test_images_round_trip_through_the_file_store(built: Built) -> None:
     for t in built.study.get_trials():
         metas = get_all_artifact_meta(t, storage=built.study._storage)
         images = trial_images(built.study, t, store)
-        assert sorted(m.filename for m in metas) == sorted(images) and set(images) <= set(IMAGE_NAMES)
+        assert sorted(m.filename for m in metas) == sorted([*images, "config.yaml"]) and set(images) <= set(IMAGE_NAMES)
         for meta in metas:
+            if meta.filename == "config.yaml":  # beside the images (tests/test_dashboard.py reads it)
+                assert meta.mimetype.startswith("text/yaml")
+                continue
             assert meta.mimetype == "image/png"
             assert images[meta.filename] == (root / meta.artifact_id).read_bytes()
     # the recon grid's first row holds the first val inputs, binarized or not, as 0..255 pixels
-    splits = load_splits(parse_config(built.study.trials[0].user_attrs["config"]).data, 64)
+    splits = load_splits(parse_config(trial_config(built.study.trials[0])).data, 64)
     first = np.asarray(_png(trial_images(built.study, built.study.trials[0], store)["reconstructions.png"]))
-    tile = first[:56:2, :56:2]  # tile 0, undo the x2 upscaling
+    at = _captioned(reconstruction_caption(32), GRID, GRID)  # the tiles start right of the row labels
+    tile = first[at.top : at.top + 56 : 2, at.left : at.left + 56 : 2]  # tile 0, undo the x2 upscaling
     want = np.rint(splits.val[0].reshape(28, 28).numpy() * 255)
     assert np.array_equal(tile, want)
 
@@ -173,7 +181,8 @@ def _model(small_npz: Path, tiny, latent: int, latent_max: int, hidden: int = 64
 
 def test_render_images_grids_pixels_and_determinism(small_npz: Path, tiny) -> None:
     model, splits = _model(small_npz, tiny, latent=3, latent_max=8)
-    images = render_images(model, splits.val, splits.image_shape, seed=5, traversal=True)
+    # the tiles alone (captions=False): captions are tested in tests/test_images.py
+    images = render_images(model, splits.val, splits.image_shape, seed=5, traversal=True, captions=False)
     assert list(images) == list(IMAGE_NAMES)
     assert all(im.mode == "L" for im in images.values())
     assert images["reconstructions.png"].size == images["samples.png"].size == (GRID, GRID)
@@ -183,11 +192,11 @@ def test_render_images_grids_pixels_and_determinism(small_npz: Path, tiny) -> No
     for row in range(3):
         tiles = [traversal[row * 58 : row * 58 + 56, c * 58 : c * 58 + 56] for c in range(9)]
         assert not np.array_equal(tiles[0], tiles[-1])  # the varied dim changes the picture
-    again = render_images(model, splits.val, splits.image_shape, seed=5, traversal=False)
+    again = render_images(model, splits.val, splits.image_shape, seed=5, traversal=False, captions=False)
     assert list(again) == ["reconstructions.png", "samples.png"]
     for name in again:
         assert np.array_equal(np.asarray(again[name]), np.asarray(images[name]))
-    other = render_images(model, splits.val, splits.image_shape, seed=6, traversal=False)
+    other = render_images(model, splits.val, splits.image_shape, seed=6, traversal=False, captions=False)
     assert not np.array_equal(np.asarray(other["samples.png"]), np.asarray(images["samples.png"]))
 
 
@@ -209,18 +218,6 @@ def test_traversal_dims_are_the_used_dims_with_the_most_kl() -> None:
     assert traversal_dims(kl, mask) == [9, 6, 1, 3, 5, 0, 8, 7]  # top 8 of 9 used dims, largest first
     assert traversal_dims(kl, mask, k=2) == [9, 6]
     assert traversal_dims(kl[:3], torch.tensor([1.0, 1.0, 0.0])) == [1, 0]
-
-
-def test_beats_best_follows_the_studys_best(tmp_path: Path) -> None:
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/b.db")
-    assert beats_best(study, [5.0]) and not beats_best(study, [5.0], feasible=False)
-    study.add_trial(optuna.trial.create_trial(value=4.0))
-    assert beats_best(study, [3.9]) and not beats_best(study, [4.0]) and not beats_best(study, [7.0])
-    pareto = optuna.create_study(directions=["minimize", "maximize"])
-    pareto.add_trial(optuna.trial.create_trial(values=[1.0, 1.0]))
-    assert beats_best(pareto, [0.5, 0.5])  # better on one objective: joins the front
-    assert not beats_best(pareto, [2.0, 0.5])  # dominated
-    assert beats_best(pareto, [1.0, 1.0])  # a tie is not dominated
 
 
 def test_render_and_upload_cost_well_under_a_second(tmp_path: Path, small_npz: Path, tiny) -> None:

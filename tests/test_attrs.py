@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from tuner.store.attrs import set_trial_attrs
+from tuner.store.attrs import CONFIG_ATTR, set_trial_attrs, trial_config
 from tuner.store.urls import open_storage
 
 ATTRS = {"iwae_nll": 98.25, "collapsed": False, "config": {"model": {"latent": 16}}, "name": "x'\"{}",
@@ -84,3 +84,19 @@ def test_other_storages_fall_back_to_one_call_per_attr() -> None:
     trial = study.ask()
     set_trial_attrs(trial, ATTRS)
     assert study.trials[0].user_attrs == ATTRS
+
+
+def test_trial_config_reads_the_system_attr_and_an_older_tuners_user_attr(tmp_path: Path) -> None:
+    """The dashboard shows user attrs and not system attrs: the config is a system attr now, and a
+    study run by an older tuner (config as the user attr) reads the same."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/c.db", study_name="c")
+    config = {"model": {"latent": 16}, "seed": 3}
+    new, old, none = study.ask(), study.ask(), study.ask()
+    set_trial_attrs(new, {"seed": 3}, {CONFIG_ATTR: config})
+    old.set_user_attr("config", config)
+    for trial in (new, old, none):
+        study.tell(trial, 1.0)
+    new, old, none = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path}/c.db").trials
+    assert "config" not in new.user_attrs and new.system_attrs[CONFIG_ATTR] == config
+    assert trial_config(new) == trial_config(old) == config
+    assert trial_config(none) is None

@@ -19,6 +19,7 @@ from tuner.results.export import backup_study, export_top
 from tuner.results.ranking import ranking_frame
 from tuner.results.retrain import train_reruns
 from tuner.spec import parse_config
+from tuner.store.attrs import trial_config
 from tuner.study.strategy import collapse_constraint_attrs
 
 
@@ -29,7 +30,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, small_npz: Path) -> Built:
 
 def test_a_rerun_with_the_trials_own_seed_scores_what_the_worker_stored(built: Built) -> None:
     t = built.study.get_trials()[0]
-    config = parse_config(t.user_attrs["config"])
+    config = parse_config(trial_config(t))
     [(trial, replicate, seed, scores)] = list(train_reruns([(0, 0, config)], "cpu"))
     assert (trial, replicate, seed) == (0, 0, config.seed)
     assert scores["test_iwae_nll"] == pytest.approx(t.user_attrs["test_iwae_nll"], abs=0.05)
@@ -104,7 +105,8 @@ def test_confirm_runs_against_postgres(built: Built, pg_url: str, capsys, monkey
 
 
 def _rerun(trial: int, i: int, nll: float) -> str:
-    return json.dumps(Rerun(trial, i, 100 + i, nll, 90.0, 10.0, 4, False, 3).__dict__)
+    # recon 90 + i, KL 10 - i, active units 4 + i, seed 2 of trial 0 collapsed
+    return json.dumps(Rerun(trial, i, 100 + i, nll, 90.0 + i, 10.0 - i, 4 + i, trial == 0 and i == 2, 3).__dict__)
 
 
 def test_ranking_notes_a_winner_that_seeds_do_not_confirm() -> None:
@@ -120,6 +122,11 @@ def test_ranking_notes_a_winner_that_seeds_do_not_confirm() -> None:
     assert list(frame["trial"]) == [0, 1, 2]
     assert frame["confirm_note"].iloc[0] == "worse than trial 1 over seeds" and frame["confirm_note"][1:].isna().all()
     assert frame["confirmed_nll"].tolist()[:2] == pytest.approx([103.0, 101.0]) and frame["confirmed_sd"][0] == pytest.approx(0.4)
+    # the other test metrics over seeds: means of recon, KL and active units, and the collapse rate
+    assert frame["confirmed_recon"].tolist()[:2] == pytest.approx([91.0, 91.0])
+    assert frame["confirmed_kl"][0] == pytest.approx(9.0) and frame["confirmed_active_units"][1] == pytest.approx(5.0)
+    assert frame["confirmed_collapse_rate"].tolist()[:2] == pytest.approx([1 / 3, 0.0])
+    assert frame[["confirmed_recon", "confirmed_collapse_rate"]].iloc[2].isna().all()  # trial 2: never confirmed
     by_confirmed = ranking_frame(study, by="confirmed")
     assert list(by_confirmed["trial"]) == [1, 0, 2]  # never confirmed: last
     assert by_confirmed["confirm_note"].isna().all()

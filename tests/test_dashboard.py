@@ -1,6 +1,8 @@
 """`tuner dashboard` as a user meets it: a real server process on a real store of worker-trained
-trials, opened in headless Chromium (the page must show the study and the trial's images), the
-images fetched over HTTP, and the refusals (bad store, busy port) and the warning off loopback."""
+trials, opened in headless Chromium (the page must show the study and the trial's images, the
+objective's name and unit, the spec as a note, a config that reads and a trial page no wider than
+the window), the artifacts fetched over HTTP, and the refusals (bad store, busy port) and the
+warning off loopback."""
 
 from __future__ import annotations
 
@@ -17,16 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import yaml
+from browser import CHROMIUM, Browser
 from PIL import Image
 from test_worker import run_cli, study_yaml
 
-from tuner.study.open import create_or_resume
+from tuner.spec import parse_config
+from tuner.store.attrs import trial_config
+from tuner.study.open import create_or_resume, load_study
+from tuner.study.pruned import tell_pruned
 from tuner.study.spec import parse_study_spec
 from tuner.study.worker import Worker
 
-CHROMIUM = Path("/usr/bin/chromium")
 TUNER = [sys.executable, "-m", "tuner"]
 
 
@@ -95,12 +101,16 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, small_npz: Path) -> Iterator[Served]:
-    """Two trials trained by a real worker, and the dashboard serving their store."""
+    """Two trials trained by a real worker, a pruned one told as the worker tells it, and the
+    dashboard serving their store."""
     tmp = tmp_path_factory.mktemp("dashboard")
     url = f"sqlite:///{tmp}/d.db"
     spec = study_yaml(tmp, small_npz, "dash-study", url, budget={"trials": 2, "epochs": 2})
-    create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
+    study = create_or_resume(parse_study_spec(yaml.safe_load(spec.read_text())))
     Worker(url, "dash-study", slots=1, device="cpu", artifacts=tmp / "art", log=lambda s: None).run()
+    pruned = study.ask({"model.latent": optuna.distributions.IntDistribution(2, 8)})
+    pruned.report(540.0, 1)  # a val -ELBO far from any IWAE NLL of the study
+    tell_pruned(study, pruned)
     server = start(tmp, "--storage", url, "--artifacts", str(tmp / "art"))
     try:
         studies = json.loads(get(f"{server.base}/api/studies")[2])["study_summaries"]
@@ -112,6 +122,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, small_npz: Path) -> Iterato
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    """One headless Chromium run with ``args`` (--dump-dom, --screenshot); :class:`browser.Browser`
+    for a page the test asks questions."""
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's Chromium; run "
                     "`apt-get install -y chromium` (CI's .ci/run installs it)")
@@ -124,7 +136,7 @@ def test_browser_shows_the_study_and_the_trials_images(served: Served, tmp_path:
     trial = next(t for t in served.trials if t["number"] == 0)
     assert trial["state"] == "Complete"
     ids = {a["filename"]: a["artifact_id"] for a in trial["artifacts"]}
-    assert {"reconstructions.png", "samples.png"} <= set(ids)  # (and a traversal if it was a new best)
+    assert set(ids) == {"config.yaml", "reconstructions.png", "samples.png", "traversal.png"}
     page = f"{served.server.base}/dashboard/studies/{served.study_id}/trials?numbers=0"  # the trial's page
 
     dom = chromium(f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", page)
@@ -132,7 +144,7 @@ def test_browser_shows_the_study_and_the_trials_images(served: Served, tmp_path:
     html = dom.stdout
     assert "dash-study" in html  # the study's name in the header
     assert "Trial 0" in html
-    for name in ("reconstructions.png", "samples.png"):
+    for name in ("reconstructions.png", "samples.png", "traversal.png"):
         src = f'src="/artifacts/{served.study_id}/{trial["trial_id"]}/{ids[name]}"'
         tags = [tag for tag in html.split("<img")[1:] if src in tag.split(">")[0]]
         assert tags and f'alt="{name}"' in tags[0], f"no <img> for {name} in the page"
@@ -150,13 +162,89 @@ def test_browser_shows_the_study_and_the_trials_images(served: Served, tmp_path:
 
 def test_artifact_bytes_over_http_are_the_stored_files(served: Served) -> None:
     for trial in served.trials:
+        if trial["state"] == "Pruned":
+            continue  # told by hand in the fixture: nothing uploaded
         assert trial["artifacts"], trial["number"]
         for meta in trial["artifacts"]:
             url = f"{served.server.base}/artifacts/{served.study_id}/{trial['trial_id']}/{meta['artifact_id']}"
             status, headers, body = get(url)
-            assert status == 200 and headers["Content-Type"] == "image/png"
-            assert body == (served.art / "optuna" / meta["artifact_id"]).read_bytes()
-            assert body.startswith(b"\x89PNG\r\n\x1a\n")
+            assert status == 200 and body == (served.art / "optuna" / meta["artifact_id"]).read_bytes()
+            if meta["filename"] == "config.yaml":
+                assert headers["Content-Type"] == "text/yaml; charset=utf-8"  # Chromium shows it as text
+            else:
+                assert headers["Content-Type"] == "image/png" and body.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _study(served: Served) -> optuna.Study:
+    return optuna.load_study(study_name="dash-study", storage=f"sqlite:///{served.tmp}/d.db")
+
+
+def _fits(page: Browser) -> None:
+    """No horizontal scroll: the page is no wider than the window."""
+    width, window = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width <= window, f"the page is {width} px wide in a {window} px window"
+
+
+def test_the_study_page_names_the_metric_and_the_note_shows_the_spec(served: Served, tmp_path: Path) -> None:
+    base = f"{served.server.base}/dashboard/studies/{served.study_id}"
+    with Browser(tmp_path / "profile", width=1280, height=900) as page:
+        # the study's data arrived (its attrs table) and the History plot is drawn
+        page.open(base, "document.body.innerText.includes('tuner_created_at') && document.querySelector('.xtitle')")
+        text = page.evaluate("document.body.innerText")
+        assert "val IWAE NLL (nats)" in text and "Objective 0" not in text  # History's axis and its picker
+        created = text.split("tuner_created_at")[1].split()[0]  # the Study User Attributes table
+        assert created == _study(served).user_attrs["tuner_created_at"] and created.endswith("Z") and "T" in created
+        assert "tuner_spec" not in text  # the spec is not a cut-off line of JSON any more
+        _fits(page)
+        page.open(f"{base}/note", "document.body.innerText.includes('sampler:')")
+        code = page.evaluate("[...document.querySelectorAll('pre code')].map(c => c.innerText)")
+        assert len(code) == 1  # the spec, as YAML in one block, each setting on its own line
+        _, spec = load_study(f"sqlite:///{served.tmp}/d.db", "dash-study")
+        assert yaml.safe_load(code[0]) == spec.model_dump(mode="json", exclude={"storage"})
+        assert "Study 'dash-study'" in page.evaluate("document.body.innerText")
+        _fits(page)
+
+
+def test_a_trial_page_shows_a_readable_config_and_fits_the_window(served: Served, tmp_path: Path) -> None:
+    trial = next(t for t in served.trials if t["number"] == 0)
+    base = f"{served.server.base}/dashboard/studies/{served.study_id}"
+    with Browser(tmp_path / "profile", width=1280, height=900) as page:
+        page.open(f"{base}/trials?numbers=0", "document.body.innerText.includes('config.yaml')")
+        lines = page.evaluate("document.body.innerText").splitlines()
+        assert "config.yaml" in lines  # the artifact card, beside the images
+        assert not [line for line in lines if line.startswith(("config ", "kl_per_dim "))]  # no one-line JSON
+        _fits(page)
+        # the config itself, as the card's link serves it: YAML, one setting a line, `tuner train` reads it
+        (meta,) = [a for a in trial["artifacts"] if a["filename"] == "config.yaml"]
+        page.open(f"{served.server.base}/artifacts/{served.study_id}/{trial['trial_id']}/{meta['artifact_id']}",
+                  "document.body.innerText.includes('optim:')")
+        shown = page.evaluate("document.body.innerText")
+        _fits(page)
+    assert shown.startswith("# study 'dash-study', trial 0; rerun: tuner train config.yaml --out DIR")
+    assert len(shown.splitlines()) > 40 and max(len(line) for line in shown.splitlines()) < 90
+    stored = trial_config(_study(served).trials[0])
+    assert parse_config(yaml.safe_load(shown)) == parse_config(stored) and stored["model"]["hidden"] == 32
+
+
+def test_the_selection_table_rows_stay_short(served: Served, tmp_path: Path) -> None:
+    """Each row of the Smart Selection table was ~650 px tall with the config as a user attr."""
+    with Browser(tmp_path / "profile", width=1280, height=900) as page:
+        page.open(f"{served.server.base}/dashboard/studies/{served.study_id}/smartSelection",
+                  "document.querySelectorAll('tbody tr').length >= 3")
+        heights = page.evaluate("[...document.querySelectorAll('tbody tr')].map(r => r.getBoundingClientRect().height)")
+        _fits(page)
+    assert len(heights) == 3 and max(heights) < 200, heights
+
+
+def test_a_pruned_trial_has_no_value_on_the_dashboard(served: Served) -> None:
+    """Its last val -ELBO stays an intermediate value; no plot puts it on the objective's axis."""
+    trials = json.loads(get(f"{served.server.base}/api/studies/{served.study_id}")[2])["trials"]
+    (pruned,) = [t for t in trials if t["state"] == "Pruned"]
+    assert "values" not in pruned and pruned["intermediate_values"] == [{"step": 1, "value": 540.0}]
+    iwae = {t.number: t.user_attrs.get("iwae_nll") for t in _study(served).trials}
+    for t in trials:  # a complete trial's value is its val IWAE NLL, the quantity the axis names
+        if t["state"] == "Complete":
+            assert t["values"] == [pytest.approx(iwae[t["number"]])]
 
 
 def test_default_binds_loopback_and_says_where(served: Served) -> None:

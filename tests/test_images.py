@@ -1,4 +1,5 @@
-"""Image grids: saved PNGs are reloaded and checked pixel by pixel."""
+"""Image grids: saved PNGs are reloaded and checked pixel by pixel; captions around them leave every tile
+pixel as it was, and the traversal's labels name its dims with their KL and its values in sd."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import torch
 from PIL import Image
 
 from tuner.errors import TunerError
-from tuner.vae.images import ImagesUnavailable, image_grid, reconstruction_grid, save_grid
+from tuner.vae.captions import add_caption, caption_layout
+from tuner.vae.data import load_splits
+from tuner.vae.engine import Population
+from tuner.vae.images import (
+    SAMPLES_CAPTION, TRAVERSAL_VALUES, ImagesUnavailable, image_grid, reconstruction_caption, reconstruction_grid,
+    render_images, save_grid, sd_labels, traversal_caption, traversal_row_labels,
+)
+from tuner.vae.population import PopulationShape
 
 
 def test_saved_grid_reloads_with_size_mode_and_pixels(tmp_path):
@@ -135,3 +143,95 @@ def test_without_pillow_drawing_raises_one_named_error(tmp_path, monkeypatch):
         assert str(info.value) == "Pillow is not installed on this host, so no image can be drawn; pip install pillow"
         assert isinstance(info.value, TunerError)  # the CLI prints it as one line, exit 2
     assert not (tmp_path / "grid.png").exists()
+
+
+# ------------------------------------------------------------------------- captions on the grids
+CELL = (56, 56)  # a 28 px MNIST tile at the default scale 2
+
+
+def _digits(n: int, seed: int = 0) -> np.ndarray:
+    """n random 28x28 'images' (n, 784) in [0, 1]: any tile content will do, as long as tiles differ."""
+    return np.random.default_rng(seed).random((n, 784), dtype=np.float32)
+
+
+def test_captioned_grids_keep_every_tile_pixel() -> None:
+    images = _digits(20)
+    plain = np.asarray(image_grid(images, (1, 28, 28)))
+    captioned = image_grid(images, (1, 28, 28), caption=SAMPLES_CAPTION)
+    layout = caption_layout(SAMPLES_CAPTION, plain.shape[::-1], CELL, 2)
+    assert captioned.size == (plain.shape[1], layout.top + plain.shape[0])  # a title band, nothing else
+    px = np.asarray(captioned)
+    np.testing.assert_array_equal(px[layout.top :], plain)
+    assert px[: layout.top].max() == 255  # the title's letters, white on black
+
+    inputs, outputs = _digits(12, 1), _digits(12, 2)
+    plain = np.asarray(reconstruction_grid(inputs, outputs, (1, 28, 28)))
+    caption = reconstruction_caption(12)
+    assert caption.rows == ("input", "reconstruction", "input", "reconstruction")  # 12 in rows of 8: 2 pairs
+    captioned = reconstruction_grid(inputs, outputs, (1, 28, 28), caption=caption)
+    layout = caption_layout(caption, plain.shape[::-1], CELL, 2)
+    assert layout.rows_drawn and layout.left > 0 and layout.top > 0
+    assert captioned.size == (layout.left + plain.shape[1], layout.top + plain.shape[0])
+    px = np.asarray(captioned)
+    np.testing.assert_array_equal(px[layout.top :, layout.left :], plain)
+    labels = [px[layout.top + r * 58 : layout.top + r * 58 + 56, : layout.left] for r in range(4)]
+    assert all((label > 0).sum() > 30 for label in labels)  # each row has its word
+    np.testing.assert_array_equal(labels[0], labels[2])  # "input" both times
+    assert not np.array_equal(labels[0], labels[1])
+
+
+def test_save_grid_passes_the_caption_on(tmp_path) -> None:
+    path = save_grid(tmp_path / "s.png", _digits(8), (1, 28, 28), caption=SAMPLES_CAPTION)
+    with Image.open(path) as im:
+        np.testing.assert_array_equal(np.asarray(im), np.asarray(image_grid(_digits(8), (1, 28, 28),
+                                                                            caption=SAMPLES_CAPTION)))
+
+
+def test_traversal_labels_name_each_dim_its_kl_and_the_sd_values_used() -> None:
+    kl = torch.tensor([0.1234, 3.0, 12.3456, 0.0, 0.004])
+    assert traversal_row_labels([2, 1, 0, 4], kl) == (
+        "dim 2\nKL 12.35 nats", "dim 1\nKL 3.00 nats", "dim 0\nKL 0.12 nats", "dim 4\nKL 0.00 nats")
+    labels = sd_labels(TRAVERSAL_VALUES)
+    assert labels == ("-3", "-2.25", "-1.5", "-0.75", "0", "+0.75", "+1.5", "+2.25", "+3")
+    assert [float(v) for v in labels] == TRAVERSAL_VALUES.tolist()  # each label reads back as its value
+    caption = traversal_caption([2, 1], kl)
+    assert caption.rows == traversal_row_labels([2, 1], kl) and caption.columns == labels
+    assert caption.corner == "value (sd)" and "prior sd" in caption.title
+
+
+def _slot_model(tiny, latent: int, latent_max: int):
+    """A fresh one-slot model using `latent` of `latent_max` dims, and its splits (as a trial's)."""
+    config = tiny(model={"latent": latent, "hidden": 64})
+    splits = load_splits(config.data, config.optim.batch_size)
+    pop = Population(PopulationShape.of(config), splits, slots=1, latent_max=latent_max, hidden_max=64)
+    pop.assign(0, config)
+    return pop.slot_model(0, best=False), splits
+
+
+def test_render_images_labels_the_traversal_with_its_dims_and_their_kl(tiny) -> None:
+    model, splits = _slot_model(tiny, latent=5, latent_max=8)
+    x = splits.val
+    plain = render_images(model, x, splits.image_shape, seed=3, traversal=True, captions=False)
+    images = render_images(model, x, splits.image_shape, seed=3, traversal=True)
+    assert list(images) == list(plain) == ["reconstructions.png", "samples.png", "traversal.png"]
+
+    # the KL per dim, from torch.distributions: the 5 used dims ranked by it, largest first
+    with torch.no_grad():
+        mu, logvar = model.encode(x[:1024].unsqueeze(0))
+    posterior = torch.distributions.Normal(mu[0], (0.5 * logvar[0]).exp())
+    kl = torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).mean(0)  # (8,)
+    dims = [int(d) for d in torch.argsort(kl[:5], descending=True)]
+    want = traversal_caption(dims, kl)
+    assert want.rows[0] == f"dim {dims[0]}\nKL {kl[dims[0]]:.2f} nats"
+    # the traversal is exactly its uncaptioned tiles with these labels written around them
+    expected = add_caption(plain["traversal.png"], want, cell=CELL, pad=2)
+    np.testing.assert_array_equal(np.asarray(images["traversal.png"]), np.asarray(expected))
+    layout = caption_layout(want, plain["traversal.png"].size, CELL, 2)
+    assert layout.rows_drawn and layout.columns_drawn
+    assert images["traversal.png"].size == (layout.left + 9 * 58 - 2, layout.top + 5 * 58 - 2)
+
+    for name, caption in (("reconstructions.png", reconstruction_caption(32)), ("samples.png", SAMPLES_CAPTION)):
+        layout = caption_layout(caption, plain[name].size, CELL, 2)
+        tiles = np.asarray(images[name])[layout.top :, layout.left : layout.left + plain[name].width]
+        np.testing.assert_array_equal(tiles, np.asarray(plain[name]))  # captions never touch a tile
+        assert images[name].size == (layout.width, layout.height)

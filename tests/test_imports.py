@@ -108,10 +108,14 @@ def test_tuner_run_trains_a_study_on_a_slim_host(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("2 complete, 0 pruned, 0 failed trials; best: trial "), proc.stdout
+    # the best trial, or (1 epoch of a 32-unit model can collapse, and the random sampler's draws
+    # depend on the worker's id) the line saying every complete trial collapsed
+    assert last.startswith("2 complete, 0 pruned, 0 failed trials; "), proc.stdout
+    assert "; best: trial " in last or "; no complete trial without collapse yet" in last, proc.stdout
     assert "run `tuner rank slim` where it is" in last
     study = optuna.load_study(study_name="slim", storage=url)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert all(t.user_attrs["iwae_nll"] > 0 for t in trials)  # trained and scored
-    assert all(get_all_artifact_meta(t, storage=study._storage) == [] for t in trials)  # no Pillow, no images
+    for t in trials:  # no Pillow, no images; the config.yaml needs no Pillow
+        assert [m.filename for m in get_all_artifact_meta(t, storage=study._storage)] == ["config.yaml"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +16,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
-from test_worker import study_yaml
+from test_worker import run_cli, study_yaml
 
 from tuner.cli import main
 from tuner.errors import TunerError
+from tuner.results.confirm import Rerun, confirmed, replicate_seed
 from tuner.results.ranking import pareto_front, rank_study, ranking_frame, ranking_records
+from tuner.results.ranking_table import TABLE_COLUMNS
+from tuner.spec import parse_config
+from tuner.store.attrs import CONFIG_ATTR
 from tuner.study.open import create_or_resume
 from tuner.study.spec import parse_study_spec
 from tuner.study.worker import Worker
@@ -162,12 +166,17 @@ def test_csv_parquet_markdown_and_table_formats(real: Built, tmp_path: Path, cap
     assert [c.strip() for c in lines[0].strip("|").split("|")][:3] == ["rank", "trial", "state"]
     assert set(lines[1]) <= set("|-: ")
 
-    code, out, _ = cli(capsys, monkeypatch, *base)  # the default: a table
+    monkeypatch.delenv("COLUMNS", raising=False)  # piped, no $COLUMNS: one wide table
+    code, out, _ = cli(capsys, monkeypatch, *base)  # the default: a table, and the searched values below it
     assert code == 0
-    for header in ("rank", "trial", "latent", "beta", "NLL", "recon", "KL", "AU", "MI", "collapse", "pareto",
-                   "epochs", "state"):
-        assert header in out, header
-    assert f"{expected['iwae_nll'].iloc[0]:.2f}" in out
+    lines = out.splitlines()
+    assert lines[1].split() == ["rank", "trial", "val", "NLL", "recon", "KL", "AU", "epochs", "flags"]
+    first = expected.iloc[0]
+    assert lines[3].split()[:5] == ["1", str(first["trial"]), f"{first['iwae_nll']:.2f}", f"{first['recon']:.2f}",
+                                    f"{first['kl']:.2f}"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.startswith(("kl.", "model.", "optim."))}
+    assert rows == {name.removeprefix("params."): [f"{v:.4g}" for v in expected[name]]
+                    for name in ("params.kl.beta", "params.model.latent", "params.optim.lr")}
 
 
 # ------------------------------------------------------------------------- a constructed study
@@ -248,3 +257,202 @@ def test_pareto_front_on_points() -> None:
 def test_bad_options_name_the_value(made: optuna.Study, kwargs: dict, words: str) -> None:
     with pytest.raises(TunerError, match=words.replace("(", r"\(")):
         ranking_frame(made, **kwargs)
+
+
+# --------------------------------------------------------------- a 14-parameter study in a terminal
+WIDE_SPACE = {  # what a real search of the families and the optimizer looks like (tuner.study.space)
+    "model.latent": IntDistribution(2, 64),
+    "model.hidden": IntDistribution(64, 1024, log=True),
+    "model.depth": IntDistribution(1, 3),
+    "model.dropout": FloatDistribution(0.0, 0.5),
+    "model.posterior": CategoricalDistribution(["gaussian", "iaf"]),
+    "model.flow_steps": IntDistribution(1, 8),  # only where model.posterior is iaf
+    "model.prior": CategoricalDistribution(["normal", "mog", "vamp"]),
+    "model.prior_components": IntDistribution(2, 64),  # only where model.prior is mog or vamp
+    "optim.name": CategoricalDistribution(["adam", "adamw", "sgd"]),
+    "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+    "optim.weight_decay": FloatDistribution(1e-7, 1e-2, log=True),
+    "optim.batch_size": CategoricalDistribution([32, 64, 128, 256]),
+    "kl.beta": FloatDistribution(0.1, 4.0),
+    "kl.warmup_epochs": FloatDistribution(0.0, 20.0),
+}
+
+
+def wide_params(rng: np.random.Generator) -> dict[str, object]:
+    """One trial's values, at full float precision, conditional ones only where they apply."""
+    params: dict[str, object] = {}
+    for path, dist in WIDE_SPACE.items():
+        if (path == "model.flow_steps" and params["model.posterior"] != "iaf") or \
+                (path == "model.prior_components" and params["model.prior"] == "normal"):
+            continue
+        if isinstance(dist, CategoricalDistribution):
+            params[path] = dist.choices[int(rng.integers(len(dist.choices)))]
+        elif isinstance(dist, IntDistribution):
+            params[path] = int(rng.integers(dist.low, dist.high + 1))
+        else:
+            low, high = (np.log(dist.low), np.log(dist.high)) if dist.log else (dist.low, dist.high)
+            value = float(rng.uniform(low, high))
+            params[path] = float(np.exp(value)) if dist.log else value
+    return params
+
+
+def nested(values: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Dotted paths -> the config's sections."""
+    out: dict[str, dict[str, object]] = {}
+    for path, value in values.items():
+        section, key = path.split(".")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def build_wide_study(url: str, name: str = "wide") -> optuna.Study:
+    """12 complete trials over WIDE_SPACE (one at NLL 1234.57: a wide cell), two of them confirmed over
+    3 seeds, one pruned, one failed; each complete trial carries the attrs the worker stores (metrics
+    and seed as user attrs, the resolved config as a system attr)."""
+    rng = np.random.default_rng(7)
+    study = optuna.create_study(study_name=name, storage=url)
+    for number in range(12):
+        params = wide_params(rng)
+        nll = 1234.5678 if number == 5 else float(95 + rng.uniform(0, 15))
+        recon = nll - float(rng.uniform(20, 30))
+        latent = int(params["model.latent"])
+        au = max(1, latent - int(rng.integers(0, 4)))
+        config = parse_config({**nested(params), "seed": 1000 + number,
+                               "data": {"dataset": "npz:/data/mnist1k.npz"}, "train": {"epochs": 40}})
+        attrs = {"iwae_nll": nll, "recon": recon, "kl": nll - recon + 1.234567, "neg_elbo": nll + 1.234567,
+                 "active_units": au, "latent_size": latent, "inactive_fraction": 1 - au / latent,
+                 "mutual_info": float(rng.uniform(2, 4.6)), "collapsed": number == 7, "epochs": 40,
+                 "best_epoch": int(rng.integers(20, 41)), "test_iwae_nll": nll + float(rng.uniform(-1, 1)),
+                 "amortization_gap": float(rng.uniform(1, 5)), "approximation_gap": float(rng.uniform(-0.5, 3)),
+                 "wall_s": float(rng.uniform(30, 900)), "seed": 1000 + number}
+        study.add_trial(create_trial(value=nll, params=params, user_attrs=attrs,
+                                     system_attrs={CONFIG_ATTR: config.model_dump(mode="json")},
+                                     distributions={p: WIDE_SPACE[p] for p in params}))
+    params = wide_params(rng)
+    reason = "pruned at epoch 4 by median: val -ELBO 181.3 above the median 140.2"
+    study.add_trial(create_trial(state=TrialState.PRUNED, params=params, user_attrs={"prune_reason": reason},
+                                 distributions={p: WIDE_SPACE[p] for p in params}))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"error": "data file missing on host b"}))
+    for trial, nlls in ((0, [104.11, 104.52, 103.97]), (3, [101.02, 101.33, 100.87])):
+        for i, value in enumerate(nlls):
+            rerun = Rerun(trial=trial, replicate=i, seed=replicate_seed(1000 + trial, i), test_iwae_nll=value,
+                          recon=80.0, kl=24.0, active_units=10, collapsed=False, epochs=40)
+            study.set_user_attr(rerun.key, json.dumps(asdict(rerun)))
+    return study
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, optuna.Study]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('wide')}/wide.db"
+    return url, build_wide_study(url)
+
+
+def rank_lines(url: str, width: int, *args: str) -> list[str]:
+    """`tuner rank wide ARGS` as a real process at $COLUMNS ``width``: its stdout lines."""
+    proc = run_cli("rank", "wide", "--storage", url, *args, env={"COLUMNS": str(width)})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def value_text(value: object) -> str:
+    """A searched value as the parameter table writes it."""
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else \
+        f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_a_14_parameter_study_reads_whole_at_80_and_120_columns(wide: tuple[str, optuna.Study], width: int) -> None:
+    url, study = wide
+    lines = rank_lines(url, width)
+    out = "\n".join(lines)
+    assert "…" not in out and max(len(line) for line in lines) <= width
+    # the default columns, in one table even at 80 (confirmed included; its notes in the caption)
+    assert "(continued)" not in out
+    assert [line.split() for line in lines if line.startswith("rank")] == [
+        ["rank", "trial", "val", "NLL", "recon", "KL", "AU", "epochs", "flags", "confirmed"]]
+    _, frame = rank_study(url, "wide")
+    body = lines[3:]  # under the title, the header and its rule; the caption follows
+    body = body[:next(i for i, line in enumerate(body) if not line.strip() or line.split()[0] == "confirmed:")]
+    rows: dict[int, list[str]] = {}
+    wrapped: dict[int, list[str]] = {}  # a row's text wrapped onto lines of its own (flags)
+    for line in body:
+        if line[:12].strip():  # rank and trial: a row
+            last = int(line.split()[1])
+            rows[last] = line.split()
+        else:
+            wrapped.setdefault(last, []).extend(line.split())
+    assert len(rows) == len(frame)
+    summaries = confirmed(study)
+    for _, r in frame.iterrows():  # every number whole, as the study holds it
+        cells = [str(r["rank"]), str(r["trial"]), f"{r['iwae_nll']:.2f}", f"{r['recon']:.2f}", f"{r['kl']:.2f}",
+                 f"{r['active_units']}/{r['latent_size']}", "40"]
+        assert rows[r["trial"]][:7] == cells, (cells, rows[r["trial"]])
+        c = summaries.get(int(r["trial"]))
+        assert " ".join(rows[r["trial"]][-2 if c else -1:]) == (f"{c.nll_mean:.2f}±{c.nll_sd:.2f} n=3" if c else "-")
+    pareto = {n for n, row in rows.items() if "pareto" in row + wrapped.get(n, [])}
+    assert pareto == set(frame.loc[frame["pareto"], "trial"])
+    assert {n for n, row in rows.items() if "collapsed" in row} == {7}
+    assert "trial 0 is worse than trial 3 over seeds" in " ".join(out.split())  # the caption
+    assert rows[5][2:4] == ["1234.57", f"{frame.set_index('trial').loc[5, 'recon']:.2f}"]  # a wide cell, whole
+    # below: the 14 searched parameters of the top 3, one row each, every value whole
+    top = frame.head(3)
+    assert [line.split() for line in lines if line.startswith("parameter")] == [
+        ["parameter", *(word for n in top["trial"] for word in ("trial", str(n)))]]
+    params = {line.split()[0]: line.split()[1:] for line in lines if line.startswith(("kl.", "model.", "optim."))}
+    assert set(params) == set(WIDE_SPACE)
+    for name, values in params.items():
+        assert values == [value_text(v) for v in top[f"params.{name}"]], name
+    assert params["model.prior_components"].count("-") == int((top["params.model.prior"] == "normal").sum())
+
+
+def test_tables_split_where_the_columns_do_not_fit(wide: tuple[str, optuna.Study]) -> None:
+    """Every column asked for at 80 columns, and the parameters of all 12 trials: more tables, rank
+    and trial (or the parameter name) repeated in each, no line over 80, no number cut."""
+    url, _ = wide
+    columns = ",".join([*TABLE_COLUMNS, "params.optim.lr"])
+    lines = rank_lines(url, 80, "--columns", columns, "--params", "12", "--states", "complete,pruned,fail")
+    out = "\n".join(lines)
+    assert "…" not in out and max(len(line) for line in lines) <= 80
+    headers = [line.split() for line in lines if line.startswith(("rank", "parameter"))]
+    ranking, parameters = [h for h in headers if h[0] == "rank"], [h for h in headers if h[0] == "parameter"]
+    assert len(ranking) >= 3 and all(h[:2] == ["rank", "trial"] for h in ranking)
+    assert sum(len(h) for h in ranking) - 2 * len(ranking) >= len(TABLE_COLUMNS) - 2  # every column, once
+    assert len(parameters) >= 2 and sum(len(h) - 1 for h in parameters) == 2 * 12  # "trial N" per trial
+    _, frame = rank_study(url, "wide")
+    for lr in frame["params.optim.lr"]:
+        assert f"{lr:.4g}" in out  # whole, wherever its table is
+    assert set("data file missing on host b".split()) <= set(out.split())  # a reason, wrapped at words
+
+
+def test_columns_choose_the_table_and_bad_names_are_one_line(wide: tuple[str, optuna.Study], capsys,
+                                                            monkeypatch) -> None:
+    url, _ = wide
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli(capsys, monkeypatch, "rank", "wide", "--storage", url, "--top", "2", "--params", "0",
+                         "--columns", "trial,mutual_info,params.optim.lr,wall_s")
+    assert code == 0, err
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("trial"))  # under the title (wrapped: narrow)
+    assert lines[at].split() == ["trial", "MI", "optim.lr", "wall", "s"] and len(lines) == at + 4  # rule, 2 rows
+    _, frame = rank_study(url, "wide", top=2)
+    for line, (_, r) in zip(lines[at + 2:], frame.iterrows(), strict=True):
+        assert line.split() == [str(r["trial"]), f"{r['mutual_info']:.2f}", f"{r['params.optim.lr']:.4g}",
+                                f"{r['wall_s']:.0f}"]
+    for args, words in {
+        ("--columns", "rank,loss"): "--columns 'loss' is not a column; use rank, trial, state, value, iwae_nll",
+        ("--columns", "params.optim.momentum"): "params.NAME of a searched parameter (here: params.kl.beta,",
+        ("--columns", " , "): "--columns is empty",
+        ("--columns", "rank", "--format", "csv"): "--format csv keeps every column (drop --columns)",
+    }.items():
+        code, out, err = cli(capsys, monkeypatch, "rank", "wide", "--storage", url, *args)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and words in err, (args, err)
+
+
+def test_machine_formats_keep_every_column(wide: tuple[str, optuna.Study], capsys, monkeypatch) -> None:
+    url, _ = wide
+    code, out, _ = cli(capsys, monkeypatch, "rank", "wide", "--storage", url, "--format", "csv")
+    _, frame = rank_study(url, "wide")
+    csv = pd.read_csv(io.StringIO(out))
+    assert code == 0 and list(csv.columns) == list(frame.columns)
+    assert len([c for c in csv.columns if c.startswith("params.")]) == 14
+    assert np.allclose(csv["params.optim.lr"], frame["params.optim.lr"], rtol=1e-12)  # full precision

@@ -98,7 +98,7 @@ def test_two_workers_complete_the_budget(store: str, tmp_path: Path, small_npz: 
             assert key in t.user_attrs, key
         assert t.values[0] == pytest.approx(t.user_attrs["iwae_nll"])
         assert checkpoint_file(tmp_path / "art", url, "two", t.number).is_file()  # 4 trials <= keep_top
-    assert "rank" in proc.stdout and "iwae_nll" in proc.stdout  # the ranking is printed at the end
+    assert "rank" in proc.stdout and "NLL" in proc.stdout  # the ranking is printed at the end
     # running it again continues the same study: the budget is met, nothing new is trained
     again = run_cli("run", str(spec), "--workers", "2", "--artifacts", str(tmp_path / "art"))
     assert again.returncode == 0 and len(trials(url, "two")) == len(ts)
@@ -125,6 +125,10 @@ def test_bad_learning_rates_are_pruned_before_max_epochs(tmp_path: Path, small_n
         assert max(t.intermediate_values) <= 2 < 6
         assert t.user_attrs["prune_reason"].startswith("pruned at epoch")
         assert "by median" in t.user_attrs["prune_reason"]
+        # no value (Optuna's tell would copy the last val -ELBO into it); the -ELBO curve is kept
+        assert t.values is None and all(v > 150 for v in t.intermediate_values.values())
+    fresh = optuna.load_study(study_name="prune", storage=url).get_trials()  # as any other reader sees it
+    assert [t.values is None for t in fresh] == [t.state == TrialState.PRUNED for t in fresh]
 
 
 def test_nan_slot_is_pruned_with_a_reason_while_neighbours_finish(tmp_path: Path, small_npz: Path) -> None:

@@ -18,6 +18,7 @@ from test_worker import by_state, checkpoint_file, study_yaml
 
 import tuner.study.bookkeeper
 from tuner.spec import parse_config
+from tuner.store.attrs import trial_config
 from tuner.store.budget_lock import budget_lock
 from tuner.store.checkpoints import config_hash, top_trials
 from tuner.store.urls import open_storage
@@ -78,7 +79,7 @@ def test_checkpoints_on_the_cadence_and_only_the_top_k_left(tmp_path: Path, smal
     for number in kept:
         t = ts[number]
         ckpt = torch.load(checkpoint_file(tmp_path / "art", url, "keep", number), weights_only=True)
-        config = parse_config(t.user_attrs["config"])
+        config = parse_config(trial_config(t))
         assert (ckpt["study_id"], ckpt["trial"], ckpt["config_hash"]) == (key, number, config_hash(config))
         assert ckpt["format"] == 2 and ckpt["status"] == "finished" and ckpt["epoch"] == 6
         latent, hidden = config.model.latent, config.model.hidden

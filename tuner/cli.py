@@ -141,15 +141,14 @@ def _print_ranking(study: optuna.Study, spec: StudySpec) -> None:
         typer.echo(f"{study_summary(study, spec)}; pandas is not installed here: for the ranking, run "
                    f"`tuner rank {spec.study}` where it is")
         return
+    from tuner.results.ranking_table import ranking_tables
+
     frame = ranking_frame(study)
     if not frame.empty:
-        shown = ["rank", "trial", "iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed"]
-        params = [c for c in frame.columns if c.startswith("params.")]
-        top = frame[shown + params].head(10).rename(
-            columns={"active_units": "AU", "mutual_info": "MI", **{p: p.split(".")[-1] for p in params}}
-        )
-        typer.echo(f"top {len(top)} of {len(frame)} complete trials (collapsed last; values in nats, validation split):")
-        typer.echo(top.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        console = Console()
+        title = f"top {min(10, len(frame))} of {len(frame)} complete trials (collapsed last; val split, nats)"
+        for table in ranking_tables(frame.head(10), title, width=console.width):
+            console.print(table)
 
 
 @app.command()
@@ -228,12 +227,14 @@ def report(
     storage: StorageOption = None,
     artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root holding the images (default: beside the store).")] = None,
     top: Annotated[int, typer.Option(min=0, help="Best trials whose images are shown.")] = 3,
+    plotly: Annotated[str, typer.Option(help="inline: plotly.js inside the page (opens offline, ~5 MB); "
+                                             "cdn: a small page that loads it from plotly's CDN.")] = "inline",
 ) -> None:
-    """One HTML report: ranking, history, learning curves, importances, NLL vs active units, images."""
+    """One HTML report: ranking, history, learning curves, parameters vs objective, importances, images."""
     from tuner.results.report import write_report
     from tuner.store.urls import DEFAULT_URL
 
-    path = write_report(storage or DEFAULT_URL, study, out, artifacts=artifacts, top=top)
+    path = write_report(storage or DEFAULT_URL, study, out, artifacts=artifacts, top=top, plotly=plotly)
     typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -262,17 +263,29 @@ def rank(
     states: Annotated[str, typer.Option(help="Trial states to list, e.g. complete,pruned,fail (with reasons).")] = "complete",
     fmt: Annotated[str, typer.Option("--format", help="table, csv, json, parquet or markdown.")] = "table",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="The table's columns, e.g. rank,trial,iwae_nll,mutual_info,"
+                                                        "params.optim.lr (default: a set that fits 80 columns).")] = None,
+    params: Annotated[int, typer.Option(min=0, help="Searched parameters of the best K trials, in a table below (0: none).")] = 3,
 ) -> None:
     """Rank a study's trials by NLL, reconstruction or active units; collapsed last; Pareto flags."""
-    from tuner.results.ranking import rank_study, ranking_table, render_ranking, save_ranking
+    import os
+
+    from tuner.results.ranking import rank_study, render_ranking, save_ranking
+    from tuner.results.ranking_table import ranking_tables
     from tuner.store.urls import DEFAULT_URL
 
+    if columns is not None and (fmt != "table" or out is not None):
+        raise TunerError(f"--columns chooses the terminal table's columns; --format {fmt} keeps every column "
+                         "(drop --columns)")
     names = [s.strip() for s in states.split(",") if s.strip()]
     _, frame = rank_study(storage or DEFAULT_URL, study, by=by, include_collapsed=include_collapsed, states=names, top=top)
     if fmt == "table" and out is None:
         order = "by the metric alone" if include_collapsed else "collapsed last"
-        console = Console(width=None if sys.stdout.isatty() else 250)  # piped: never squeeze the columns
-        console.print(ranking_table(frame, title=f"study '{study}': ranked by {by}, {order} (val split, nats)"))
+        # a terminal's width, or $COLUMNS; piped without it: wide, so a file keeps one table
+        console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 250)
+        for table in ranking_tables(frame, f"study '{study}': ranked by {by}, {order} (val split, nats)",
+                                    width=console.width, columns=columns, params=params):
+            console.print(table)
     elif out is not None:
         typer.echo(f"ranking: {save_ranking(frame, fmt, out)} ({len(frame)} rows)")
     elif fmt == "parquet" and sys.stdout.isatty():
@@ -307,7 +320,7 @@ def confirm(
 @app.command()
 def export(
     study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write trial-<n>.yaml, checkpoints, ranking.csv.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write trial-<n>.yaml, trial-<n>/ checkpoints, ranking.csv, README.md.")],
     top: Annotated[int, typer.Option(help="How many of the best trials to export.")] = 1,
     storage: StorageOption = None,
     by: Annotated[str, typer.Option(help="auto (confirmed when `tuner confirm` ran, else nll), nll, recon, elbo, au or "
@@ -315,13 +328,15 @@ def export(
     include_collapsed: Annotated[bool, typer.Option(help="Rank collapsed trials by the metric alone.")] = False,
     artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root the workers used (default: beside the store).")] = None,
 ) -> None:
-    """Write the best trials as configs `tuner train` reruns (same seed and split), with checkpoints."""
+    """Write the best trials as configs `tuner train` reruns (same seed and split; rounded, only the
+    settings that apply, tuned values marked), with checkpoints and a README."""
     from tuner.results.export import export_top
     from tuner.store.urls import DEFAULT_URL
 
     r = export_top(storage or DEFAULT_URL, study, out, top=top, by=by, include_collapsed=include_collapsed,
                    artifacts=artifacts)
-    typer.echo(f"exported {len(r.configs)} config(s), {len(r.checkpoints)} checkpoint(s) and ranking.csv to {r.out_dir}")
+    typer.echo(f"exported {len(r.configs)} config(s), {len(r.checkpoints)} checkpoint(s) and ranking.csv to {r.out_dir}; "
+               f"its README.md says how to rerun and load them")
 
 
 @app.command()

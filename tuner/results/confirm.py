@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import TunerError
 from tuner.spec import TrainConfig, parse_config
+from tuner.store.attrs import trial_config
 from tuner.store.checkpoints import top_trials
 
 __all__ = ["ATTR_PREFIX", "Confirmed", "Rerun", "confirm_study", "confirmed", "replicate_seed", "worse_than_next"]
@@ -117,10 +118,10 @@ def worse_than_next(ordered: list[Confirmed]) -> dict[int, int]:
 
 
 def _config(study: optuna.Study, t: FrozenTrial) -> TrainConfig:
-    if "config" not in t.user_attrs:
-        raise TunerError(f"study '{study.study_name}' trial {t.number} has no stored config (user attr 'config'); "
+    if (raw := trial_config(t)) is None:
+        raise TunerError(f"study '{study.study_name}' trial {t.number} has no stored config; "
                          "it was not run by tuner's worker and cannot be confirmed")
-    return parse_config(t.user_attrs["config"], source=f"study '{study.study_name}' trial {t.number} config")
+    return parse_config(raw, source=f"study '{study.study_name}' trial {t.number} config")
 
 
 def confirm_study(

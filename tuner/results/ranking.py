@@ -5,6 +5,7 @@ attrs when it told a trial complete (see tuner.study.worker). Collapse is a verd
 tuner.vae.metrics); a collapsed model with a good NLL is still a model whose latent code is useless, so
 by default it never outranks a healthy one. The Pareto flag marks the complete trials that no other
 complete trial beats on all of (IWAE NLL, reconstruction, inactive latent fraction) at once.
+The terminal's tables are tuner.results.ranking_table; the machine formats here keep every column.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -25,12 +25,9 @@ from tuner.errors import TunerError
 from tuner.results.confirm import Confirmed, confirmed, worse_than_next
 from tuner.study.open import open_study
 
-if TYPE_CHECKING:
-    from rich.table import Table
-
 __all__ = [
     "CONFIRM_COLUMNS", "FORMATS", "METRIC_COLUMNS", "PARETO_OBJECTIVES", "RANK_BY", "STATES", "pareto_front",
-    "rank_study", "ranking_frame", "ranking_records", "ranking_table", "render_ranking", "save_ranking",
+    "rank_study", "ranking_frame", "ranking_records", "render_ranking", "save_ranking",
 ]
 
 # user attrs shown per trial, in this order (nats per example on the validation split unless test_; the
@@ -46,8 +43,12 @@ RANK_BY: dict[str, tuple[str, bool]] = {
     "confirmed": ("confirmed_nll", True),  # `tuner confirm`'s mean test IWAE NLL over seeds; unconfirmed last
 }
 # `tuner confirm`'s summary per trial (tuner.results.confirm): test IWAE NLL mean, sd and n over the
-# reruns' seeds, and a note where a trial's mean is worse than the next confirmed one's beyond the sds
-CONFIRM_COLUMNS = ("confirmed_nll", "confirmed_sd", "confirmed_n", "confirm_note")
+# reruns' seeds, the means of test recon, KL and active units and the share of seeds that collapsed,
+# and a note where a trial's mean is worse than the next confirmed one's beyond the sds
+CONFIRM_COLUMNS = ("confirmed_nll", "confirmed_sd", "confirmed_n", "confirmed_recon", "confirmed_kl",
+                   "confirmed_active_units", "confirmed_collapse_rate", "confirm_note")
+_CONFIRM_MEANS = {"confirmed_recon": "recon", "confirmed_kl": "kl", "confirmed_active_units": "active_units",
+                  "confirmed_collapse_rate": "collapse_rate"}  # column -> Confirmed field
 PARETO_OBJECTIVES = ("iwae_nll", "recon", "inactive_fraction")  # all minimized
 STATES: dict[str, TrialState] = {
     "complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL,
@@ -143,6 +144,7 @@ def _with_confirmed(done: pd.DataFrame, summaries: dict[int, Confirmed]) -> pd.D
         confirmed_nll=[c.nll_mean if c else np.nan for c in pick],
         confirmed_sd=[c.nll_sd if c else np.nan for c in pick],
         confirmed_n=pd.array([c.n if c else pd.NA for c in pick], dtype="Int64"),
+        **{col: [getattr(c, field) if c else np.nan for c in pick] for col, field in _CONFIRM_MEANS.items()},
     )
 
 
@@ -150,7 +152,8 @@ def _confirm_notes(out: pd.DataFrame, summaries: dict[int, Confirmed]) -> pd.Dat
     """confirm_note on a ranked trial whose confirmed mean is worse than the next confirmed one's
     by more than both sds: its single-seed rank is not to be trusted."""
     if "confirmed_nll" not in out:
-        out = out.assign(confirmed_nll=np.nan, confirmed_sd=np.nan, confirmed_n=pd.array([pd.NA] * len(out), dtype="Int64"))
+        out = out.assign(confirmed_nll=np.nan, confirmed_sd=np.nan, confirmed_n=pd.array([pd.NA] * len(out), dtype="Int64"),
+                         **{col: np.nan for col in _CONFIRM_MEANS})
     ranked = [summaries[int(t)] for t, r in zip(out["trial"], out["rank"]) if r is not pd.NA and int(t) in summaries]
     worse = worse_than_next(ranked)
     notes = [f"worse than trial {worse[int(t)]} over seeds" if int(t) in worse else None for t in out["trial"]]
@@ -216,47 +219,3 @@ def save_ranking(frame: pd.DataFrame, fmt: str, path: str | Path) -> Path:
     except OSError as err:
         raise TunerError(f"--out '{path}': cannot write it ({err.strerror}); choose a writable path") from None
     return path
-
-
-def _fmt(value: object, spec: str = ".2f") -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
-        return "-"
-    return format(value, spec) if isinstance(value, float) else str(value)
-
-
-def _truthy(value: object) -> bool:
-    return value is not None and value is not pd.NA and not (isinstance(value, float) and np.isnan(value)) \
-        and bool(value)
-
-
-def ranking_table(frame: pd.DataFrame, title: str) -> Table:
-    """A rich table: rank, trial, the searched hyperparameters, NLL, recon, KL, AU, MI, the amortization
-    and approximation gaps, collapse, Pareto, epochs, state (and reason when other states are listed)."""
-    from rich.table import Table
-
-    params = [c for c in frame.columns if c.startswith("params.")]
-    short = {p: p.split(".")[-1] for p in params}
-    if len(set(short.values())) < len(short):  # two params with one leaf name: show full paths
-        short = {p: p.removeprefix("params.") for p in params}
-    table = Table(title=title)
-    columns = ["rank", "trial", *short.values(), "NLL", "recon", "KL", "AU", "MI", "amort gap", "approx gap",
-               "collapse", "pareto", "epochs", "state"]
-    show_reason = bool(frame["reason"].notna().any())
-    show_confirmed = bool(frame["confirmed_n"].notna().any())  # after `tuner confirm`: mean ± sd (n) on test
-    columns += ["confirmed (test)"] if show_confirmed else []
-    for name in columns + (["reason"] if show_reason else []):
-        table.add_column(name, justify="left" if name in ("collapse", "state", "reason") else "right")
-    for _, r in frame.iterrows():
-        au = "-" if pd.isna(r["active_units"]) else f"{int(r['active_units'])}/{_fmt(r['latent_size'])}"
-        cells = [
-            _fmt(r["rank"]), str(r["trial"]), *(_fmt(r[p], ".3g") for p in params),
-            _fmt(r["iwae_nll"]), _fmt(r["recon"]), _fmt(r["kl"]), au, _fmt(r["mutual_info"]),
-            _fmt(r["amortization_gap"]), _fmt(r["approximation_gap"]),
-            "collapsed" if _truthy(r["collapsed"]) else "", "*" if r["pareto"] else "", _fmt(r["epochs"]), r["state"],
-        ]
-        if show_confirmed:
-            cells.append("-" if pd.isna(r["confirmed_n"]) else
-                         f"{r['confirmed_nll']:.2f} ± {r['confirmed_sd']:.2f} (n={r['confirmed_n']})"
-                         + (f" {r['confirm_note']}" if r["confirm_note"] else ""))
-        table.add_row(*cells, *([_fmt(r["reason"])] if show_reason else []))
-    return table

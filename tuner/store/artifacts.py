@@ -1,7 +1,7 @@
 """Where a study's files live, and trial images as Optuna artifacts: saved, and read back.
 
-The images (drawn by :func:`tuner.vae.images.render_images`: reconstructions and prior samples for
-every complete trial, a latent traversal for those that beat the study's best) go into one
+The images (drawn by :func:`tuner.vae.images.render_images`: reconstructions, prior samples and a
+latent traversal for every complete trial) and each trial's ``config.yaml`` go into one
 :mod:`optuna.artifacts` file-system artifact store per study store, at ``<artifacts root>/optuna``
 (see :func:`artifacts_root`); the trial's system attrs hold each image's id and name, as Optuna's
 ``upload_artifact`` writes them (:func:`save_images`), so the dashboard (``tuner dashboard``)
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
     from PIL import Image
 
-__all__ = ["IMAGE_NAMES", "artifact_store", "artifacts_root", "save_images", "trial_images"]
+__all__ = ["IMAGE_NAMES", "artifact_store", "artifacts_root", "save_file", "save_images", "trial_images"]
 
 IMAGE_NAMES = ("reconstructions.png", "samples.png", "traversal.png")
 
@@ -73,11 +73,16 @@ def save_images(images: dict[str, Image.Image], store: ArtifactStore) -> dict[st
             raise ValueError(f"image names are PNG file names such as 'samples.png', but got {name=}.")
         png = io.BytesIO()
         image.save(png, format="PNG", compress_level=1)  # grids are small; zlib level 6 cost ~15 ms a trial
-        png.seek(0)
-        meta = ArtifactMeta(artifact_id=str(uuid.uuid4()), filename=name, mimetype="image/png", encoding=None)
-        store.write(meta.artifact_id, png)
-        attrs[ARTIFACTS_ATTR_PREFIX + meta.artifact_id] = json.dumps(asdict(meta))
+        attrs.update(save_file(name, png.getvalue(), "image/png", store))
     return attrs
+
+
+def save_file(name: str, data: bytes, mimetype: str, store: ArtifactStore) -> dict[str, str]:
+    """Write ``data`` to ``store`` as one artifact named ``name``; return the trial system attr that
+    attaches it (as :func:`save_images`: the file first, the attr for the caller's transaction)."""
+    meta = ArtifactMeta(artifact_id=str(uuid.uuid4()), filename=name, mimetype=mimetype, encoding=None)
+    store.write(meta.artifact_id, io.BytesIO(data))
+    return {ARTIFACTS_ATTR_PREFIX + meta.artifact_id: json.dumps(asdict(meta))}
 
 
 def trial_images(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore) -> dict[str, bytes]:

@@ -11,6 +11,14 @@ upserts them all in one transaction, one multi-row statement per table on SQLite
 The upsert is idempotent, so a retry after a dropped connection (:mod:`tuner.store.retry`) writes the
 same rows again. The rows are exactly what ``trial.set_user_attr`` / ``set_trial_system_attr``
 would have written, so the dashboard, ranking, export and Optuna's samplers read them as before.
+
+What people read and what programs read are apart: the dashboard shows every user attr of a trial
+as one unwrapped line (a config, or 32 floats of KL per dim, made the trial page wider than the
+window) and no system attr. So a trial's resolved config is the system attr :data:`CONFIG_ATTR`
+(read by :func:`trial_config`; people read the ``config.yaml`` artifact beside the trial's images),
+and its lists (:data:`SERIES`: KL per latent dim, the multi objective's -ELBO curve) are system
+attrs ``tuner:<name>`` (read by :func:`trial_series`); both readers take a study an older tuner
+wrote, with these as user attrs.
 """
 
 from __future__ import annotations
@@ -24,10 +32,36 @@ import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial
 
 from tuner.store.cache import ON_CONFLICT_INSERT
 
-__all__ = ["set_trial_attrs"]
+__all__ = ["CONFIG_ATTR", "SERIES", "set_trial_attrs", "split_series", "trial_config", "trial_series"]
+
+CONFIG_ATTR = "tuner:config"  # trial system attr: the resolved TrainConfig, as a JSON object
+_OLD_CONFIG_ATTR = "config"  # the user attr tuner stored it in before
+
+
+def trial_config(trial: FrozenTrial) -> dict[str, Any] | None:
+    """The trial's resolved TrainConfig as stored (a plain mapping for ``parse_config``), or None for
+    a trial no tuner worker started; reads the user attr of studies run by an older tuner too."""
+    stored = trial.system_attrs.get(CONFIG_ATTR, trial.user_attrs.get(_OLD_CONFIG_ATTR))
+    return stored if isinstance(stored, dict) else None
+
+
+SERIES = ("kl_per_dim", "val_neg_elbo_curve")  # a trial's lists: one value per latent dim, per epoch
+
+
+def split_series(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Take the :data:`SERIES` out of ``attrs`` (a trial's user attrs to be): the system attrs that keep them."""
+    return {f"tuner:{name}": attrs.pop(name) for name in SERIES if name in attrs}
+
+
+def trial_series(trial: FrozenTrial, name: str) -> list[float] | None:
+    """One of the trial's :data:`SERIES` (nats), or None where it has none."""
+    if name not in SERIES:
+        raise ValueError(f"a trial's series are {SERIES}, but got {name=}.")
+    return trial.system_attrs.get(f"tuner:{name}", trial.user_attrs.get(name))
 
 
 def set_trial_attrs(

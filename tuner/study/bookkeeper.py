@@ -34,12 +34,14 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from tuner import __version__
-from tuner.store.attrs import set_trial_attrs
+from tuner.store.attrs import CONFIG_ATTR, set_trial_attrs, split_series
 from tuner.store.budget_lock import budget_lock
 from tuner.store.checkpoints import TrialFiles, config_hash, rank_key
 from tuner.study import space, strategy
 from tuner.study.heartbeats import Heartbeats
 from tuner.study.open import study_counts
+from tuner.study.pruned import tell_pruned
+from tuner.study.uploads import upload_config, upload_images
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -323,12 +325,14 @@ class Bookkeeper:
 
     # ---------------------------------------------------------------- handlers (this thread)
     def started(self, run: Run, population: str) -> None:
-        """A trial took a slot: its attrs, and the log line."""
+        """A trial took a slot: its attrs, its config (:func:`tuner.store.attrs.trial_config` reads it,
+        people read ``config.yaml``), and the log line."""
         ctx = self.ctx
-        set_trial_attrs(run.trial, {
-            "seed": run.config.seed, "worker": ctx.worker_id, "device": ctx.device, "precision": ctx.precision,
-            "population": population, "config": run.config.model_dump(mode="json"),
-        })
+        user = {"seed": run.config.seed, "worker": ctx.worker_id, "device": ctx.device, "precision": ctx.precision,
+                "population": population}
+        system = {CONFIG_ATTR: run.config.model_dump(mode="json"),
+                  **upload_config(ctx.artifact_store, ctx.study.study_name, run.number, run.config, user, ctx.log)}
+        set_trial_attrs(run.trial, user, system)
         resumed = (f" (resumed from trial {run.resumed_from}, epoch {run.resumed_epoch})"
                    if run.resumed_from is not None else "")
         if run.resumed_from is not None and ctx.spec.objective != "multi":
@@ -385,7 +389,7 @@ class Bookkeeper:
             self._end(run, TrialState.PRUNED, reason=f"non-finite objective {values}", attrs=attrs)
             return
         # the images' and the collapse constraint's system attrs go with the user attrs, before tell
-        system = self._save_images(run, images, values, attrs)
+        system = upload_images(ctx.artifact_store, run.number, images, attrs, ctx.log)
         system.update(strategy.collapse_constraint_attrs(attrs["collapsed"]))  # the sampler avoids collapse
         path = ctx.files.path(run.number)
         keep = ctx.spec.checkpoints.keep_top
@@ -436,24 +440,6 @@ class Bookkeeper:
         ctx.log(f"trial {run.number} handed back at epoch {epoch}")
 
     # ---------------------------------------------------------------------------- helpers
-    def _save_images(self, run: Run, images: dict[str, Image.Image], values: list[float],
-                     attrs: dict[str, Any]) -> dict[str, str]:
-        """Store the trial's images as artifacts (the traversal only for a new best, as the dashboard's
-        "Best Trial" sees it); returns the system attrs that attach them. A failure to store (a full
-        disk, an unreachable store) is the trial's ``artifact_error``, never the end of the worker."""
-        if not images:
-            return {}
-        from tuner.store.artifacts import save_images
-
-        if not strategy.beats_best(self.ctx.study, values, feasible=not attrs["collapsed"]):
-            images = {name: image for name, image in images.items() if name != "traversal.png"}
-        try:
-            return save_images(images, self.ctx.artifact_store)
-        except Exception as err:  # noqa: BLE001 - stores are plug-ins (file system, S3...) with their own errors
-            attrs["artifact_error"] = f"{type(err).__name__}: {err}"
-            self.ctx.log(f"trial {run.number}: images not stored ({type(err).__name__}: {err})")
-            return {}
-
     def _would_rank(self, run: Run, values: list[float], attrs: dict[str, Any], keep: int) -> bool:
         """Whether the trial, told with these values, is among the study's ``keep`` best now."""
         done = self.ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -480,8 +466,12 @@ class Bookkeeper:
             attrs["prune_reason"] = reason
         if ctx.spec.objective == "multi":  # no intermediate values there: keep the curve here
             attrs["val_neg_elbo_curve"] = list(run.curve)
+        system = {**(system or {}), **split_series(attrs)}  # lists: not one long line on the dashboard
         set_trial_attrs(run.trial, attrs, system)  # one transaction, not one per attr
-        ctx.study.tell(run.trial, values, state=state)
+        if state == TrialState.PRUNED:
+            tell_pruned(ctx.study, run.trial)  # no value: Optuna would copy the last -ELBO into it
+        else:
+            ctx.study.tell(run.trial, values, state=state)
         self._last_count = -math.inf  # the study's counts changed: recount after this item
         run.ended = True
         ctx.heartbeats.discard(run.trial._trial_id)

@@ -1,8 +1,17 @@
 """The Optuna study of a spec: create or resume it, load it by name, count its trials.
 
-The spec is stored in the study's user attrs, so a worker on any host needs only the storage URL
-and the study name. A study that exists with another spec is refused (one line, nothing changed):
-mixing two search spaces in one study would make its ranking meaningless.
+The spec is stored in the study, so a worker on any host needs only the storage URL and the study
+name. A study that exists with another spec is refused (one line, nothing changed): mixing two
+search spaces in one study would make its ranking meaningless.
+
+What the study holds for machines and what it shows people are apart, because optuna-dashboard
+shows every study user attr on one line (a spec there was cut off, an epoch a bare number) and no
+system attr: the spec is the system attr ``tuner:spec`` (JSON, read by :func:`stored_spec`, which
+also reads the user attr ``tuner_spec`` of studies made by an older tuner) and the study's note (YAML,
+on its dashboard page); the creation time is the system attr ``tuner:created_at`` (epoch seconds,
+:func:`started_at`) and the user attr ``tuner_created_at`` (ISO 8601, UTC); the objective's names
+with their units are the study's metric names (Optuna's ``set_metric_names``), which the dashboard
+puts on its plots and best-trial card instead of "Objective 0".
 """
 
 from __future__ import annotations
@@ -13,26 +22,48 @@ import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import optuna
+import yaml
 from optuna.trial import TrialState
 
 from tuner.errors import TunerError
 from tuner.store.cache import CachedStorage
+from tuner.store.notes import has_study_note, save_study_note, yaml_block
 from tuner.store.urls import check_storage, mask_url, open_storage, store_exists
 from tuner.study import start, strategy
 from tuner.study.spec import StudySpec, parse_study_spec
 from tuner.vae.data import load_array
 
 __all__ = [
-    "ID_ATTR", "SPEC_ATTR", "StudyCounts", "create_or_resume", "load_study", "open_study", "started_at", "studies_status", "study_counts",
-    "study_key",
+    "ID_ATTR", "SPEC_ATTR", "StudyCounts", "create_or_resume", "load_study", "metric_names", "open_study", "started_at",
+    "stored_spec", "studies_status", "study_counts", "study_key",
 ]
 
-SPEC_ATTR = "tuner_spec"
-CREATED_ATTR = "tuner_created_at"
+SPEC_ATTR = "tuner:spec"  # study system attr: the spec as JSON
+OLD_SPEC_ATTR = "tuner_spec"  # the study user attr an older tuner stored it in
+CREATED_ATTR = "tuner:created_at"  # study system attr: epoch seconds
+CREATED_SHOWN = "tuner_created_at"  # study user attr: ISO 8601 UTC (an older tuner: epoch seconds)
 ID_ATTR = "tuner_study_id"  # the study's own identity: artifacts are keyed by it, not by its name
+
+_METRIC_NAMES = {
+    "iwae_nll": ["val IWAE NLL (nats)"],
+    "neg_elbo": ["val -ELBO, best epoch (nats)"],
+    "multi": ["val IWAE NLL (nats)", "inactive latent fraction (0-1)"],
+}
+
+
+def metric_names(spec: StudySpec) -> list[str]:
+    """The objective's names with their units, one per study direction (what the dashboard shows)."""
+    return list(_METRIC_NAMES[spec.objective])
+
+
+def stored_spec(study: optuna.Study) -> str | None:
+    """The spec (JSON) the study was created with, or None for a study tuner did not create."""
+    system = study._storage.get_study_system_attrs(study._study_id)
+    return system.get(SPEC_ATTR, study.user_attrs.get(OLD_SPEC_ATTR))
 
 
 def _spec_json(spec: StudySpec) -> str:
@@ -87,9 +118,8 @@ def create_or_resume(spec: StudySpec, storage_url: str | None = None,
     preflight(spec)
     own_first = start.first_trials(spec)  # a bad enqueue value fails here, before anything is written
     storage = open_storage(url)
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if spec.study in existing:
-        stored = existing[spec.study].user_attrs.get(SPEC_ATTR)
+    if spec.study in optuna.get_all_study_names(storage):
+        stored = stored_spec(optuna.load_study(study_name=spec.study, storage=storage))
         if stored is None:
             raise TunerError(
                 f"study '{spec.study}' in {mask_url(url)} was not created by tuner; choose another study name"
@@ -100,14 +130,42 @@ def create_or_resume(spec: StudySpec, storage_url: str | None = None,
                 "use a new study name, or run it with the spec it was created with"
             )
         study = _optuna_study(spec, storage, create=False)
+        _label(study, spec)  # a study made by an older tuner gets its names and note now
         start.enqueue(study, first or [])
         return study
     study = _optuna_study(spec, storage, create=True)
-    study.set_user_attr(SPEC_ATTR, _spec_json(spec))
-    study.set_user_attr(CREATED_ATTR, time.time())
+    now = time.time()
+    study._storage.set_study_system_attr(study._study_id, SPEC_ATTR, _spec_json(spec))
+    study._storage.set_study_system_attr(study._study_id, CREATED_ATTR, now)
+    study.set_user_attr(CREATED_SHOWN, _iso(now))
     study.set_user_attr(ID_ATTR, uuid.uuid4().hex)
+    _label(study, spec)
     start.enqueue(study, [*(first or []), *own_first])
     return study
+
+
+def _label(study: optuna.Study, spec: StudySpec) -> None:
+    """What the dashboard shows of the study, where it is missing: the metric names, the creation
+    time as ISO 8601 (an older tuner's epoch moves to the system attr) and the spec as the study's
+    note (a note typed on the dashboard since is kept)."""
+    shown = study.user_attrs.get(CREATED_SHOWN)
+    if isinstance(shown, int | float):
+        study._storage.set_study_system_attr(study._study_id, CREATED_ATTR, float(shown))
+        study.set_user_attr(CREATED_SHOWN, _iso(shown))
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names(spec))
+    if not has_study_note(study._storage.get_study_system_attrs(study._study_id)):
+        lead = (f"Created {_iso(started_at(study))}. The spec this study runs (`tuner run` of another spec "
+                "under this name is refused); every trial's full config is its `config.yaml` artifact.")
+        text = yaml.safe_dump(spec.model_dump(mode="json", exclude={"storage"}), sort_keys=False)
+        save_study_note(study._storage, study._study_id, yaml_block(f"Study '{spec.study}'", text, lead))
+
+
+def _iso(epoch: float) -> str:
+    """Epoch seconds as ISO 8601 in UTC, to the second: 2026-05-01T12:34:56Z."""
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _existing_store(storage_url: str, study_name: str) -> optuna.storages.BaseStorage:
@@ -141,10 +199,10 @@ def load_study(
     worker: a number unique to the calling process (its pid): samplers seeded per worker, so
     parallel workers do not propose the same trials."""
     storage = storage or _existing_store(storage_url, study_name)
-    attrs = open_study(storage_url, study_name, storage).user_attrs
-    if SPEC_ATTR not in attrs:
+    stored = stored_spec(open_study(storage_url, study_name, storage))
+    if stored is None:
         raise TunerError(f"study '{study_name}' was not created by tuner; it has no spec to train from")
-    raw = json.loads(attrs[SPEC_ATTR])
+    raw = json.loads(stored)
     raw["storage"] = storage_url
     spec = parse_study_spec(raw, source=f"study '{study_name}' spec")
     return _optuna_study(spec, storage, create=False, worker=worker), spec
@@ -186,8 +244,13 @@ def study_counts(study: optuna.Study) -> StudyCounts:
 
 
 def started_at(study: optuna.Study) -> float:
-    """When the study was created (for its timeout budget)."""
-    return float(study.user_attrs.get(CREATED_ATTR, time.time()))
+    """When the study was created, in epoch seconds (for its timeout budget); now for a study that
+    does not say. An older tuner stored the epoch in the user attr (until the study is resumed)."""
+    system = study._storage.get_study_system_attrs(study._study_id)
+    if CREATED_ATTR in system:
+        return float(system[CREATED_ATTR])
+    shown = study.user_attrs.get(CREATED_SHOWN)
+    return float(shown) if isinstance(shown, int | float) else time.time()
 
 
 

@@ -39,7 +39,7 @@ from tuner.study.spec import PrunerSpec, StudySpec
 
 __all__ = [
     "COLLAPSE_CONSTRAINT", "CachedPercentilePruner", "build_pruner", "build_sampler", "collapse_constraint",
-    "beats_best", "collapse_constraint_attrs", "directions", "rung_epochs",
+    "collapse_constraint_attrs", "directions", "rung_epochs",
 ]
 
 COLLAPSE_CONSTRAINT = "collapsed"  # the constraint's key: system attr "constraints:collapsed"
@@ -223,25 +223,3 @@ def collapse_constraint_attrs(collapsed: bool | None) -> dict[str, float]:
 
 def _constraint_value(collapsed: bool | None) -> float:
     return 0.0 if collapsed is None else (1.0 if collapsed else -1.0)
-
-
-def beats_best(study: Study, values: list[float], feasible: bool = True) -> bool:
-    """Whether a running trial with `values` becomes the study's best when told, as Optuna (and the
-    dashboard's "Best Trial") sees it: a feasible (not collapsed) trial that beats every feasible
-    complete trial (one objective), or that no trial on the Pareto front dominates (several).
-    The study's first feasible trial is its best."""
-    if not feasible:
-        return False
-    minimize = [d == StudyDirection.MINIMIZE for d in study.directions]
-    mine = [v if m else -v for v, m in zip(values, minimize)]  # smaller is better from here on
-    if len(mine) == 1:
-        try:
-            best = study.best_value  # the best feasible trial's
-        except ValueError:  # no feasible complete trial yet
-            return True
-        return mine[0] < (best if minimize[0] else -best)
-    for other in study.best_trials:
-        theirs = [v if m else -v for v, m in zip(other.values, minimize)]
-        if all(t <= m for t, m in zip(theirs, mine)) and theirs != mine:
-            return False
-    return True

@@ -3,7 +3,8 @@
 Data (:mod:`.data`), stacked layers, models and their families (:mod:`.layers`, :mod:`.models`,
 :mod:`.priors`, :mod:`.flows`, :mod:`.ladder`), counter-based noise, schedules, the stacked optimizer,
 the population (:mod:`.population`, :mod:`.engine`, :mod:`.slot_state`, :mod:`.epoch_graph`), the
-metrics and gaps a trial is scored by, and the pictures of a model (:mod:`.images`).
+metrics and gaps a trial is scored by, and the pictures of a model (:mod:`.images`, captioned by
+:mod:`.captions`).
 
 May import: torch, numpy, and of tuner only the training config (:mod:`tuner.spec`, for types) and
 :mod:`tuner.errors`; nothing from ``store``, ``study`` or ``results`` (a GPU host runs it with torch

@@ -7,7 +7,9 @@ Images come in flat, as the models see them: (n, D) floats in [0, 1] with D = C 
 
 Layout: tiles are upscaled ``scale`` times (nearest neighbour), laid out row by row with ``pad``
 black output pixels between them (none around the border). Values are clipped to [0, 1] and NaN
-is drawn black, so a diverged trial still gets a picture instead of an error.
+is drawn black, so a diverged trial still gets a picture instead of an error. A ``caption``
+(:class:`~tuner.vae.captions.Caption`) writes a title and row/column labels around the tiles, which
+stay pixel for pixel as drawn without it; :func:`render_images` labels all three pictures.
 
 Pillow is imported on first use, not with the module: a slim GPU worker host may lack it (README
 "Many hosts"). Drawing there raises :class:`ImagesUnavailable`, which the worker catches to
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from tuner.errors import TunerError
 from tuner.vae import noise
+from tuner.vae.captions import Caption, add_caption
 from tuner.vae.metrics import gaussian_kl_per_dim
 
 if TYPE_CHECKING:
@@ -36,8 +39,9 @@ if TYPE_CHECKING:
     from tuner.vae.models import VAE
 
 __all__ = [
-    "ImagesUnavailable", "image_grid", "reconstruction_grid", "render_images", "require_pillow", "save_grid",
-    "traversal_dims",
+    "SAMPLES_CAPTION", "ImagesUnavailable", "image_grid", "reconstruction_caption", "reconstruction_grid",
+    "render_images", "require_pillow", "save_grid", "sd_labels", "traversal_caption", "traversal_dims",
+    "traversal_row_labels",
 ]
 
 
@@ -63,13 +67,15 @@ def image_grid(
     columns: int = 8,
     pad: int = 2,
     scale: int = 2,
+    caption: Caption | None = None,
 ) -> Image.Image:
     """Lay ``images`` (n, D) out in rows of ``columns`` tiles (ceil(n / columns) rows)."""
     tiles = _tiles(images, image_shape, name="images")
     _check_layout(columns, pad, scale)
     n = len(tiles)
     cells = [divmod(i, columns) for i in range(n)]  # (row, column) of tile i
-    return _render(tiles, cells, rows=math.ceil(n / columns), columns=min(columns, n), pad=pad, scale=scale)
+    grid = _render(tiles, cells, rows=math.ceil(n / columns), columns=min(columns, n), pad=pad, scale=scale)
+    return _captioned(grid, caption, image_shape, pad=pad, scale=scale)
 
 
 def reconstruction_grid(
@@ -80,10 +86,12 @@ def reconstruction_grid(
     columns: int = 8,
     pad: int = 2,
     scale: int = 2,
+    caption: Caption | None = None,
 ) -> Image.Image:
     """Rows of inputs, each followed by the row of their reconstructions (input, output, ...).
 
     ``outputs[i]`` is drawn right under ``inputs[i]``; a short last row stays short in both.
+    :func:`reconstruction_caption` labels the rows.
     """
     x = _tiles(inputs, image_shape, name="inputs")
     y = _tiles(outputs, image_shape, name="outputs")
@@ -97,7 +105,8 @@ def reconstruction_grid(
     cells = [(2 * (i // columns), i % columns) for i in range(n)]  # inputs on even rows
     cells += [(r + 1, c) for r, c in cells]  # each reconstruction right under its input
     rows = 2 * math.ceil(n / columns)
-    return _render(np.concatenate([x, y]), cells, rows=rows, columns=min(columns, n), pad=pad, scale=scale)
+    grid = _render(np.concatenate([x, y]), cells, rows=rows, columns=min(columns, n), pad=pad, scale=scale)
+    return _captioned(grid, caption, image_shape, pad=pad, scale=scale)
 
 
 def save_grid(path: str | Path, images: Tensor | np.ndarray, image_shape: tuple[int, int, int], **kw) -> Path:
@@ -153,6 +162,14 @@ def _render(
     return require_pillow().fromarray(canvas[:, :, 0] if c == 1 else canvas)
 
 
+def _captioned(
+    grid: Image.Image, caption: Caption | None, image_shape: tuple[int, int, int], *, pad: int, scale: int
+) -> Image.Image:
+    if caption is None:
+        return grid
+    return add_caption(grid, caption, cell=(image_shape[1] * scale, image_shape[2] * scale), pad=pad)
+
+
 # ------------------------------------------------------------------------- a model's pictures
 RECONSTRUCTIONS = 32  # inputs shown over their reconstructions
 SAMPLES = 64  # prior samples, 8 per row
@@ -168,16 +185,48 @@ def traversal_dims(kl_per_dim: Tensor, latent_mask: Tensor, k: int = TRAVERSAL_D
     return [int(d) for d in torch.argsort(kl, descending=True, stable=True)[: min(k, used)]]
 
 
+# ------------------------------------------------------------------------- what the pictures say
+SAMPLES_CAPTION = Caption("samples from the prior")
+TRAVERSAL_TITLE = (
+    "latent traversal: each row sets one latent dim to the value above (prior sd)\n"
+    "other dims keep the first example's posterior mean; KL: nats, mean over examples"
+)
+
+
+def reconstruction_caption(n: int, columns: int = 8) -> Caption:
+    """Row labels of :func:`reconstruction_grid` for n inputs in rows of `columns`."""
+    return Caption("reconstructions: posterior means decoded",
+                   rows=("input", "reconstruction") * math.ceil(n / columns))
+
+
+def traversal_row_labels(dims: list[int], kl_per_dim: Tensor) -> tuple[str, ...]:
+    """One label per traversed dim: its index and its KL (nats per example), e.g. "dim 5\nKL 2.31 nats"."""
+    return tuple(f"dim {d}\nKL {float(kl_per_dim[d]):.2f} nats" for d in dims)
+
+
+def sd_labels(values: Tensor) -> tuple[str, ...]:
+    """Column labels of a traversal: each value in prior sds, signed ("-3", "-0.75", "0", "+1.5")."""
+    return tuple("0" if float(v) == 0 else f"{float(v):+g}" for v in values)
+
+
+def traversal_caption(dims: list[int], kl_per_dim: Tensor, values: Tensor = TRAVERSAL_VALUES) -> Caption:
+    """The traversal's title, row labels (dim and KL) and column labels (value in sd)."""
+    return Caption(TRAVERSAL_TITLE, rows=traversal_row_labels(dims, kl_per_dim), columns=sd_labels(values),
+                   corner="value (sd)")
+
+
 @torch.no_grad()
 def render_images(
-    model: VAE, x: Tensor, image_shape: tuple[int, int, int], seed: int, traversal: bool
+    model: VAE, x: Tensor, image_shape: tuple[int, int, int], seed: int, traversal: bool, *, captions: bool = True
 ) -> dict[str, Image.Image]:
     """A one-slot model's pictures on x (N, D): file name -> image (grayscale ``L`` or ``RGB``).
 
     reconstructions.png: the first 32 examples, each row of inputs over its row of reconstructions
     (posterior means decoded). samples.png: 64 prior draws from `seed`. traversal.png (if
     `traversal`): one row per latent dim among the 8 with the largest mean KL over x, the dim set
-    to -3..3 (9 columns) while the others keep the posterior mean of x[0].
+    to -3..3 (9 columns) while the others keep the posterior mean of x[0]. With `captions` (the
+    default) each says so in its own pixels (:func:`reconstruction_caption`, :data:`SAMPLES_CAPTION`,
+    :func:`traversal_caption`); the tiles are the same either way.
 
     Without Pillow (a slim worker host) it raises :class:`ImagesUnavailable` before any work.
     """
@@ -188,15 +237,16 @@ def render_images(
     z = model.prior_sample(noise.keys_from_seeds(torch.tensor([seed], device=x.device)), SAMPLES)  # (1, 64, Zmax)
     samples = model.mean_image(model.decode(z))[0]  # (64, D), drawn from the model family's own prior
     images = {
-        "reconstructions.png": reconstruction_grid(xs[0].cpu(), recon.cpu(), image_shape),
-        "samples.png": image_grid(samples.cpu(), image_shape),
+        "reconstructions.png": reconstruction_grid(
+            xs[0].cpu(), recon.cpu(), image_shape, caption=reconstruction_caption(xs.shape[1]) if captions else None),
+        "samples.png": image_grid(samples.cpu(), image_shape, caption=SAMPLES_CAPTION if captions else None),
     }
     if traversal:
-        images["traversal.png"] = _traversal(model, x, image_shape)
+        images["traversal.png"] = _traversal(model, x, image_shape, captions)
     return images
 
 
-def _traversal(model: VAE, x: Tensor, image_shape: tuple[int, int, int]) -> Image.Image:
+def _traversal(model: VAE, x: Tensor, image_shape: tuple[int, int, int], captions: bool) -> Image.Image:
     mu, logvar = model.encode(x[:TRAVERSAL_KL_EXAMPLES].unsqueeze(0))  # (1, N, Zmax)
     kl_per_dim = gaussian_kl_per_dim(mu[0], logvar[0]).mean(0)  # (Zmax,) nats, 0 on masked dims
     dims = traversal_dims(kl_per_dim, model.latent_mask[0])
@@ -205,4 +255,5 @@ def _traversal(model: VAE, x: Tensor, image_shape: tuple[int, int, int]) -> Imag
     for row, d in enumerate(dims):
         z[row, :, d] = values
     decoded = model.mean_image(model.decode(z.reshape(1, -1, model.latent_max)))[0]  # (rows*cols, D)
-    return image_grid(decoded.cpu(), image_shape, columns=len(values))
+    caption = traversal_caption(dims, kl_per_dim.cpu(), TRAVERSAL_VALUES) if captions else None
+    return image_grid(decoded.cpu(), image_shape, columns=len(values), caption=caption)
