@@ -14,7 +14,7 @@ from optuna.trial import create_trial
 from test_ranking import HEALTHY_A, HEALTHY_B, Built, build_study, cli
 from test_report import sections
 
-from tuner.results.confirm import ATTR_PREFIX, Rerun, confirm_study, confirmed, replicate_seed, reruns
+from tuner.results.confirm import ATTR_PREFIX, Rerun, confirm_study, confirmed, replicate_seed, reruns, store_rerun
 from tuner.results.export import backup_study, export_top
 from tuner.results.ranking import ranking_frame
 from tuner.results.retrain import train_reruns
@@ -66,12 +66,14 @@ def test_confirm_stores_each_rerun_adds_seeds_and_resumes(built: Built, capsys, 
     for number in (0, 1):
         assert f"trial {number}: {summary[number].text}" in out
     # a third seed: one more rerun per trial, the stored ones untouched
-    before = {k: v for k, v in study.user_attrs.items() if k.startswith(ATTR_PREFIX)}
+    before = reruns(study)
     code, out, err = cli(capsys, monkeypatch, "confirm", built.name, "--storage", built.url, "--top", "2",
                          "--seeds", "3", "--device", "cpu")
     assert code == 0 and ": 2 rerun(s) to train (4 stored)" in err
-    after = optuna.load_study(study_name=built.name, storage=built.url).user_attrs
-    assert all(after[k] == v for k, v in before.items()) and len([k for k in after if k.startswith(ATTR_PREFIX)]) == 6
+    after = reruns(optuna.load_study(study_name=built.name, storage=built.url))
+    assert all(after[t][:2] == runs for t, runs in before.items()) and sum(map(len, after.values())) == 6
+    system = study._storage.get_study_system_attrs(study._study_id)  # programs' attrs, off the dashboard's page
+    assert sum(k.startswith(ATTR_PREFIX) for k in system) == 6 and not any("confirm" in k for k in study.user_attrs)
     # the ranking and the export read them
     frame = ranking_frame(study, by="confirmed")
     means = {n: c.nll_mean for n, c in confirmed(study).items()}
@@ -104,9 +106,9 @@ def test_confirm_runs_against_postgres(built: Built, pg_url: str, capsys, monkey
     assert code == 2 and "no study 'nope'" in err and len(err.strip().splitlines()) == 1
 
 
-def _rerun(trial: int, i: int, nll: float) -> str:
+def _rerun(trial: int, i: int, nll: float) -> Rerun:
     # recon 90 + i, KL 10 - i, active units 4 + i, seed 2 of trial 0 collapsed
-    return json.dumps(Rerun(trial, i, 100 + i, nll, 90.0 + i, 10.0 - i, 4 + i, trial == 0 and i == 2, 3).__dict__)
+    return Rerun(trial, i, 100 + i, nll, 90.0 + i, 10.0 - i, 4 + i, trial == 0 and i == 2, 3)
 
 
 def test_ranking_notes_a_winner_that_seeds_do_not_confirm() -> None:
@@ -114,10 +116,10 @@ def test_ranking_notes_a_winner_that_seeds_do_not_confirm() -> None:
     for value in (100.0, 101.0, 102.0):  # validation order: trials 0, 1, 2
         study.add_trial(create_trial(value=value, user_attrs={"iwae_nll": value, "collapsed": False},
                                      system_attrs=collapse_constraint_attrs(False)))
-    for i, nll in enumerate((103.0, 103.4, 102.6)):  # trial 0: 103.0 ± 0.4
-        study.set_user_attr(f"{ATTR_PREFIX}0:{i}", _rerun(0, i, nll))
+    for i, nll in enumerate((103.0, 103.4, 102.6)):  # trial 0: 103.0 ± 0.4, as an older tuner stored it
+        study.set_user_attr(f"tuner_confirm:0:{i}", json.dumps(_rerun(0, i, nll).__dict__))
     for i, nll in enumerate((101.0, 101.2, 100.8)):  # trial 1: 101.0 ± 0.2: better beyond the sds
-        study.set_user_attr(f"{ATTR_PREFIX}1:{i}", _rerun(1, i, nll))
+        store_rerun(study, _rerun(1, i, nll))
     frame = ranking_frame(study)
     assert list(frame["trial"]) == [0, 1, 2]
     assert frame["confirm_note"].iloc[0] == "worse than trial 1 over seeds" and frame["confirm_note"][1:].isna().all()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from test_worker import run_cli, study_yaml
 
 from tuner.cli import main
 from tuner.errors import TunerError
-from tuner.results.confirm import Rerun, confirmed, replicate_seed
+from tuner.results.confirm import Rerun, confirmed, replicate_seed, store_rerun
 from tuner.results.ranking import pareto_front, rank_study, ranking_frame, ranking_records
 from tuner.results.ranking_table import TABLE_COLUMNS
 from tuner.spec import parse_config
@@ -337,7 +337,7 @@ def build_wide_study(url: str, name: str = "wide") -> optuna.Study:
         for i, value in enumerate(nlls):
             rerun = Rerun(trial=trial, replicate=i, seed=replicate_seed(1000 + trial, i), test_iwae_nll=value,
                           recon=80.0, kl=24.0, active_units=10, collapsed=False, epochs=40)
-            study.set_user_attr(rerun.key, json.dumps(asdict(rerun)))
+            store_rerun(study, rerun)
     return study
 
 

@@ -16,6 +16,11 @@ def test_default_config_file_is_the_documented_default() -> None:
     config = load_config(ROOT / "configs" / "mnist-mlp.yaml")
     assert config.model.latent == 32 and config.model.hidden == 512 and config.train.epochs == 50
     assert config.data.split == (0.7, 0.1, 0.2) and config.data.dataset == "mnist5k"
+    # "the defaults spelled out, except kl.schedule": every other value is the code's default
+    spelled, default = config.model_dump(), TrainConfig().model_dump()
+    differ = [f"{section}.{key}" for section, values in spelled.items() if isinstance(values, dict)
+              for key in values if values[key] != default[section][key]]
+    assert differ == ["kl.schedule"] and config.kl.schedule == "linear"
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:

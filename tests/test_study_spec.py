@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tuner.errors import TunerError
+from tuner.spec import load_config
 from tuner.study.entries import CategoricalParam, FloatParam, IntParam
 from tuner.study.spec import StudySpec, load_study_spec, parse_study_spec, study_spec_to_yaml
 
@@ -248,3 +249,11 @@ def test_shipped_studies_are_the_documented_ones() -> None:
     gpu = load_study_spec(ROOT / "studies" / "gpu.yaml")
     assert gpu.workers.device == "cuda" and gpu.workers.slots is None and gpu.workers.max_slots == 128
     assert load_study_spec(ROOT / "studies" / "mnist-conv.yaml").base.model.arch == "conv"
+
+
+def test_the_tuned_config_file_is_the_config_the_cpu_study_enqueues() -> None:
+    # configs/mnist-mlp-tuned.yaml (the README's IWAE-objective row trains it) and studies/mnist.yaml's
+    # enqueued race winner must not drift apart
+    spec = load_study_spec(Path(__file__).resolve().parents[1] / "studies" / "mnist.yaml")
+    tuned = load_config(Path(__file__).resolve().parents[1] / "configs" / "mnist-mlp-tuned.yaml")
+    assert spec.train_config(spec.enqueue[0], seed=tuned.seed) == tuned

@@ -7,11 +7,13 @@ rerun on the test split as the worker scores a trial (IWAE NLL with the trial's 
 KL, active units, collapse). The configs of one population shape train together as one population,
 so on a GPU the K x S runs cost about one trial's time.
 
-Where results live: one study user attr per (trial, replicate), ``tuner_confirm:<trial>:<i>``, written
-as each rerun finishes. Optuna does not let a finished trial's attrs change, and one attr per rerun
-means no read-modify-write: a rerun with more seeds adds replicates ``i >= n`` (never duplicates),
-and an interrupted run keeps every rerun that finished (rerunning ``tuner confirm`` trains only the
-missing ones). Replicate i's seed is a pure function of the trial's seed and i.
+Where results live: one study system attr per (trial, replicate), ``tuner:confirm:<trial>:<i>``,
+written as each rerun finishes (a system attr: the dashboard shows every study user attr as one
+unwrapped line of JSON, and these are for programs; an older tuner wrote them as user attrs
+``tuner_confirm:<trial>:<i>``, still read). Optuna does not let a finished trial's attrs change, and
+one attr per rerun means no read-modify-write: a rerun with more seeds adds replicates ``i >= n``
+(never duplicates), and an interrupted run keeps every rerun that finished (rerunning ``tuner
+confirm`` trains only the missing ones). Replicate i's seed is a pure function of the trial's seed and i.
 
 :func:`confirmed` reads them back as per-trial summaries (mean, sd and n of the test IWAE NLL, means
 of recon, KL and active units, the collapse rate); the ranking, the report and export use them.
@@ -19,6 +21,7 @@ of recon, KL and active units, the collapse rate); the ranking, the report and e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections.abc import Callable
@@ -33,9 +36,13 @@ from tuner.spec import TrainConfig, parse_config
 from tuner.store.attrs import trial_config
 from tuner.store.checkpoints import top_trials
 
-__all__ = ["ATTR_PREFIX", "Confirmed", "Rerun", "confirm_study", "confirmed", "replicate_seed", "worse_than_next"]
+__all__ = [
+    "ATTR_PREFIX", "Confirmed", "Rerun", "confirm_study", "confirmed", "replicate_seed", "reruns", "store_rerun",
+    "worse_than_next",
+]
 
-ATTR_PREFIX = "tuner_confirm:"
+ATTR_PREFIX = "tuner:confirm:"  # study system attr per rerun: a JSON object (Rerun's fields)
+_OLD_PREFIX = "tuner_confirm:"  # the study user attr an older tuner wrote: a JSON string
 
 
 @dataclass(frozen=True)
@@ -81,14 +88,24 @@ def replicate_seed(trial_seed: int, replicate: int) -> int:
     return seed if seed != trial_seed else seed + 1
 
 
+def store_rerun(study: optuna.Study, rerun: Rerun) -> None:
+    """Store one finished rerun on the study (its own attr: nothing else is rewritten)."""
+    study._storage.set_study_system_attr(study._study_id, rerun.key, dataclasses.asdict(rerun))
+
+
 def reruns(study: optuna.Study) -> dict[int, list[Rerun]]:
-    """The stored reruns per trial number, by replicate."""
+    """The stored reruns per trial number, by replicate (older studies' user attrs too)."""
+    found: dict[tuple[int, int], Rerun] = {}
+    stored = [(study.user_attrs, _OLD_PREFIX), (study._storage.get_study_system_attrs(study._study_id), ATTR_PREFIX)]
+    for attrs, prefix in stored:  # the system attr wins where both hold a replicate
+        for key, raw in attrs.items():
+            if key.startswith(prefix):
+                rerun = Rerun(**(json.loads(raw) if isinstance(raw, str) else raw))
+                found[rerun.trial, rerun.replicate] = rerun
     out: dict[int, list[Rerun]] = {}
-    for key, raw in study.user_attrs.items():
-        if key.startswith(ATTR_PREFIX):
-            rerun = Rerun(**json.loads(raw))
-            out.setdefault(rerun.trial, []).append(rerun)
-    return {t: sorted(rs, key=lambda r: r.replicate) for t, rs in out.items()}
+    for (trial, _), rerun in sorted(found.items()):
+        out.setdefault(trial, []).append(rerun)
+    return out
 
 
 def _summary(trial: int, runs: list[Rerun]) -> Confirmed:
@@ -151,7 +168,7 @@ def confirm_study(
 
         for trial, replicate, seed, scores in train_reruns(todo, device):
             rerun = Rerun(trial=trial, replicate=replicate, seed=seed, **scores)
-            study.set_user_attr(rerun.key, json.dumps(rerun.__dict__))
+            store_rerun(study, rerun)
             log(f"confirm: trial {trial} seed {seed}: test iwae_nll {rerun.test_iwae_nll:.2f}")
     summaries = confirmed(study)
     return {n: summaries[n] for n in numbers if n in summaries}
