@@ -1,15 +1,17 @@
 """Train the documented default config and print its test scores and wall time.
 
     python benchmarks/quality.py [--config configs/mnist-mlp.yaml] [--epochs N] [--device auto]
-    python benchmarks/quality.py --families gaussian,mog,vamp,iaf,ladder [--epochs N]
+    python benchmarks/quality.py --families gaussian,mog,vamp,iaf,ladder,aux,mmd [--epochs N]
     python benchmarks/quality.py --families gaussian --objectives elbo,iwae [--k 5]
 
 The foundation's quality bar: the default config, 50 epochs on CPU, reaches a test IWAE NLL
 (K=200) of at most 108 nats on mnist5k with the seeded 3500/500/1000 split.
-``--families`` trains the same config once per model family (FAMILIES: the model fields each
-sets) at the same epoch budget and prints one row per family: test IWAE NLL, -ELBO, KL, active
-units, MI (for non-Gaussian families KL and MI are estimates: see tuner.vae.metrics) and the
-amortization and approximation gaps (tuner.vae.gaps). ``--objectives`` trains each family once per
+``--families`` trains the same config once per model family or collapse remedy (FAMILIES: the
+config fields each sets; ``aux`` and ``mmd`` are ``kl.aux_weight`` and ``kl.divergence: mmd``,
+whose rows are the true model's -ELBO and IWAE NLL like the rest) at the same epoch budget and
+prints one row per family: test IWAE NLL, -ELBO, KL, active units, MI (for non-Gaussian families
+KL and MI are estimates: see tuner.vae.metrics) and the amortization and approximation gaps
+(tuner.vae.gaps). ``--objectives`` trains each family once per
 training objective (``train.objective``: ``elbo``, or ``iwae`` with ``--k`` samples, Burda et al.
 2015); the rows of the IWAE objective are named ``<family>/iwae<k>``.
 """
@@ -30,21 +32,24 @@ from tuner.spec import TrainConfig, load_config, parse_config, with_epochs  # no
 from tuner.train import train_config  # noqa: E402
 
 TARGET_NLL = 108.0
-FAMILIES: dict[str, dict[str, Any]] = {  # model fields over the config's, per family
+FAMILIES: dict[str, dict[str, dict[str, Any]]] = {  # config fields over the config's, per family: section -> fields
     "gaussian": {},
-    "mog": {"prior": "mog", "prior_components": 10},
-    "vamp": {"prior": "vamp", "prior_components": 50},
-    "iaf": {"posterior": "iaf", "flow_steps": 2},
-    "ladder": {"hierarchy": "ladder", "latent2": 16},
+    "mog": {"model": {"prior": "mog", "prior_components": 10}},
+    "vamp": {"model": {"prior": "vamp", "prior_components": 50}},
+    "iaf": {"model": {"posterior": "iaf", "flow_steps": 2}},
+    "ladder": {"model": {"hierarchy": "ladder", "latent2": 16}},
+    "aux": {"kl": {"aux_weight": 1.0}},  # Semeniuta et al. 2017
+    "mmd": {"kl": {"divergence": "mmd", "mmd_weight": 100.0}},  # InfoVAE / MMD-VAE, Zhao et al. 2017
 }
 FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "amortization_gap",
                   "approximation_gap", "train_s")
 
 
 def family_config(config: TrainConfig, family: str, objective: str = "elbo", k: int = 5) -> TrainConfig:
-    """`config` with the family's model fields and the training objective (validated again)."""
+    """`config` with the family's fields and the training objective (validated again)."""
     raw = config.model_dump(mode="json")
-    raw["model"].update(FAMILIES[family])
+    for section, fields in FAMILIES[family].items():
+        raw[section].update(fields)
     raw["train"].update(objective=objective, k=k)
     return parse_config(raw, source=f"family {family}")
 
@@ -89,6 +94,8 @@ def main() -> None:
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
             parser.error(f"--families: unknown {unknown}; use a comma-separated list of {', '.join(FAMILIES)}")
+        if "mmd" in families and "iwae" in objectives:
+            parser.error("--families mmd replaces the -ELBO's KL term: use it with --objectives elbo only")
         print(f"config: {args.config} ({config.train.epochs} epochs each, test split, K={config.train.iwae_k})")
         print_family_table(family_rows(config, families, args.device, objectives, args.k))
         return

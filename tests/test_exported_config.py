@@ -15,6 +15,7 @@ from tuner.results.exported_config import exported_yaml, rounded, settings_that_
 from tuner.spec import TrainConfig, parse_config
 from tuner.train import train_config
 
+REMEDIES = ("kl.divergence", "kl.mmd_weight", "kl.aux_weight")  # written only where they act
 EVERY_FIELD = {f"{section}.{key}" for section, fields in TrainConfig().model_dump().items()
                if isinstance(fields, dict) for key in fields}
 
@@ -28,22 +29,27 @@ def dropped(config: TrainConfig) -> set[str]:
     ({}, {  # the defaults: mlp, gaussian posterior, normal prior, flat, adam, constant lr and KL, elbo, gaps on
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
-        "kl.ratio", "kl.capacity", "train.k"}),
+        "kl.ratio", "kl.capacity", "train.k", *REMEDIES}),
     ({"model": {"arch": "conv", "posterior": "iaf", "prior": "vamp"}, "optim": {"name": "sgd", "decay": "cosine"},
       "kl": {"schedule": "cyclical"}, "train": {"objective": "iwae", "gap_examples": 0}}, {
         "model.latent2", "optim.betas", "optim.eps", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs",
-        "kl.capacity", "kl.free_bits", "train.gap_steps", "train.gap_lr"}),
+        "kl.capacity", "kl.free_bits", "train.gap_steps", "train.gap_lr", *REMEDIES}),
     ({"model": {"hierarchy": "ladder"}, "optim": {"name": "adamw", "decay": "step"}, "kl": {"schedule": "capacity"}}, {
         "model.channels", "model.flow_steps", "model.prior_components", "optim.momentum", "optim.min_lr_ratio",
-        "kl.cycles", "kl.ratio", "train.k"}),
+        "kl.cycles", "kl.ratio", "train.k", *REMEDIES}),
     ({"model": {"prior": "mog"}, "kl": {"schedule": "capacity"}, "train": {"objective": "iwae"}}, {  # iwae: no target
         "model.channels", "model.flow_steps", "model.latent2", "optim.momentum", "optim.min_lr_ratio",
         "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles", "kl.ratio", "kl.capacity",
-        "kl.free_bits"}),
+        "kl.free_bits", *REMEDIES}),
     ({"kl": {"schedule": "sigmoid"}}, {
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.cycles", "kl.ratio", "kl.capacity",
-        "train.k"}),
+        "train.k", *REMEDIES}),
+    # the MMD replaces the KL term: its shaping (free bits, capacity target and its warmup) is not read
+    ({"kl": {"divergence": "mmd", "schedule": "capacity", "aux_weight": 2.0}}, {
+        "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
+        "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
+        "kl.ratio", "kl.capacity", "kl.free_bits", "train.k"}),
 ])
 def test_the_settings_left_out_per_family_and_schedule(over: dict, left_out: set[str]) -> None:
     config = parse_config(over)
@@ -75,6 +81,11 @@ def _changed_where_not_read(config: dict, changes: dict) -> tuple[TrainConfig, T
          "kl": {"schedule": "capacity", "capacity": 5.0}, "train": {"objective": "iwae", "k": 2, "gap_examples": 0}},
         {"model": {"latent2": 9}, "optim": {"betas": [0.5, 0.6], "eps": 0.1, "step_epochs": 0.5, "step_gamma": 0.1},
          "kl": {"warmup_epochs": 0.5, "capacity": 50.0, "free_bits": 2.0, "cycles": 2, "ratio": 0.3}},
+    ),
+    (  # the MMD in place of the KL term, with an auxiliary decoder
+        {"kl": {"divergence": "mmd", "mmd_weight": 50.0, "schedule": "capacity", "aux_weight": 1.5},
+         "train": {"gap_examples": 0}},
+        {"kl": {"warmup_epochs": 0.5, "capacity": 50.0, "free_bits": 2.0, "cycles": 2, "ratio": 0.3}},
     ),
 ])
 def test_settings_left_out_change_nothing_in_training(tiny, tmp_path: Path, config: dict, changes: dict) -> None:

@@ -33,3 +33,18 @@ def test_an_unknown_family_is_one_line_and_exit_2() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--families", "gaussian,nope"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "unknown ['nope']" in proc.stderr
+
+
+def test_the_remedies_are_rows_of_families_and_mmd_refuses_the_iwae_objective() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality import family_config
+
+    from tuner.spec import load_config
+
+    base = load_config(ROOT / "configs" / "mnist-mlp.yaml")
+    aux, mmd = family_config(base, "aux"), family_config(base, "mmd")
+    assert aux.kl.aux_weight > 0 and aux.model == base.model and aux.kl.divergence == "kl"
+    assert (mmd.kl.divergence, mmd.kl.aux_weight, mmd.model) == ("mmd", 0.0, base.model)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--families", "mmd",
+                           "--objectives", "elbo,iwae"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--families mmd replaces the -ELBO's KL term" in proc.stderr

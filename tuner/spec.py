@@ -138,7 +138,7 @@ class OptimConfig(StrictModel):
 
 
 class KLConfig(StrictModel):
-    """KL weight schedule and free bits.
+    """KL weight schedule, free bits, and the remedies for posterior collapse.
 
     schedule: ``constant`` (weight = beta), ``linear`` (0 -> beta over warmup_epochs), ``sigmoid``
     (logistic ramp centred at warmup_epochs / 2), ``cyclical`` (Fu et al. 2019: ``cycles`` ramps over
@@ -146,6 +146,14 @@ class KLConfig(StrictModel):
     2018: loss = recon + beta * |KL - C|, C growing linearly to ``capacity`` nats over warmup_epochs).
     free_bits: nats per latent dimension below which the KL is not penalized (Kingma et al. 2016),
     applied to the batch-mean KL of each dimension.
+    divergence: what regularizes the posterior in the training loss: ``kl`` (the ELBO's KL, weighted
+    and shaped as above) or ``mmd`` (InfoVAE / MMD-VAE, Zhao et al. 2017: the KL term is *replaced*
+    by mmd_weight * MMD between the batch's posterior draws and prior draws, IMQ kernel,
+    tuner.vae.mmd; schedule, beta, free bits and capacity then do not act on the loss). Replaced, not
+    added: the point is to drop the per-example pull of every q(z|x) to the prior that causes collapse.
+    aux_weight: alpha of an auxiliary decoder (Semeniuta et al. 2017), one linear layer from z whose
+    reconstruction term is added to the loss times alpha (0 = none).
+    Both act on the training loss only: the reported -ELBO, KL and IWAE NLL are the true model's.
     """
 
     schedule: Literal["constant", "linear", "sigmoid", "cyclical", "capacity"] = "constant"
@@ -155,6 +163,9 @@ class KLConfig(StrictModel):
     ratio: float = Field(0.5, gt=0.0, le=1.0)
     capacity: float = Field(25.0, ge=0.0)
     free_bits: float = Field(0.0, ge=0.0)
+    divergence: Literal["kl", "mmd"] = "kl"
+    mmd_weight: float = Field(100.0, gt=0.0, le=1e6)
+    aux_weight: float = Field(0.0, ge=0.0, le=1000.0)
 
 
 class TrainLoopConfig(StrictModel):
@@ -210,6 +221,22 @@ class TrainConfig(StrictModel):
                 f"model.hierarchy 'ladder' needs model.posterior 'gaussian' and model.prior 'normal' (its "
                 f"p(z1|z2) is the prior), but got posterior {m.posterior!r}, prior {m.prior!r}; change them, "
                 "or in a study space give model.hierarchy when: {model.posterior: gaussian, model.prior: normal}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mmd_fits_the_family(self) -> TrainConfig:
+        m, fix = self.model, "or in a study space give kl.divergence when: {model.prior: normal, model.hierarchy: flat}"
+        if self.kl.divergence == "mmd" and (m.prior, m.hierarchy) != ("normal", "flat"):
+            raise ValueError(
+                f"kl.divergence 'mmd' matches the posterior samples to N(0, I) draws, so it needs model.prior "
+                f"'normal' and model.hierarchy 'flat', but got prior {m.prior!r}, hierarchy {m.hierarchy!r}; "
+                f"set kl.divergence 'kl', {fix}"
+            )
+        if self.kl.divergence == "mmd" and self.train.objective != "elbo":
+            raise ValueError(
+                f"kl.divergence 'mmd' replaces the -ELBO's KL term, but train.objective is "
+                f"{self.train.objective!r}; set train.objective 'elbo' or kl.divergence 'kl'"
             )
         return self
 

@@ -35,6 +35,11 @@ def _elbo(c: TrainConfig) -> bool:
     return c.train.objective == "elbo"
 
 
+def _kl_term(c: TrainConfig) -> bool:
+    """The -ELBO's KL term is in the loss (kl.divergence 'mmd' replaces it: VAE._with_remedies)."""
+    return _elbo(c) and c.kl.divergence == "kl"
+
+
 # "section.field" -> when this config's code reads it; a field not listed is read by every config
 _APPLIES_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     # model sizes of one family (tuner.vae.population.PopulationShape.of, tuner.vae.engine slot init)
@@ -52,11 +57,16 @@ _APPLIES_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     "optim.step_gamma": lambda c: c.optim.decay == "step",
     # the KL schedule's constants (schedules.kl_weight, kl_capacity); the iwae objective's loss reads
     # the weight only, never the capacity target nor free bits (tuner.vae.models.VAE.forward)
-    "kl.warmup_epochs": lambda c: c.kl.schedule in ("linear", "sigmoid") or (c.kl.schedule == "capacity" and _elbo(c)),
+    "kl.warmup_epochs": lambda c: c.kl.schedule in ("linear", "sigmoid") or (c.kl.schedule == "capacity" and _kl_term(c)),
     "kl.cycles": lambda c: c.kl.schedule == "cyclical",
     "kl.ratio": lambda c: c.kl.schedule == "cyclical",
-    "kl.capacity": lambda c: c.kl.schedule == "capacity" and _elbo(c),
-    "kl.free_bits": _elbo,
+    "kl.capacity": lambda c: c.kl.schedule == "capacity" and _kl_term(c),
+    "kl.free_bits": _kl_term,
+    # the collapse remedies (VAE._with_remedies): a default ('kl', alpha 0) is what the field's
+    # absence loads back, so it is written only where it acts
+    "kl.divergence": lambda c: c.kl.divergence != "kl",
+    "kl.mmd_weight": lambda c: c.kl.divergence == "mmd",
+    "kl.aux_weight": lambda c: c.kl.aux_weight > 0,
     # draws per example of the iwae loss (PopulationShape.of); the gaps' optimizer (tuner.vae.gaps)
     "train.k": lambda c: c.train.objective == "iwae",
     "train.gap_steps": lambda c: c.train.gap_examples > 0,

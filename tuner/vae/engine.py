@@ -174,9 +174,10 @@ class Population:
         """Reset one slot to a fresh run of `config`: new weights, zero moments, clocks at 0."""
         if PopulationShape.of(config) != self.shape:
             raise ValueError(f"config shape {PopulationShape.of(config)} does not fit population {self.shape}")
-        m = config.model
+        m, k = config.model, config.kl
         self.model.init_slot(
-            slot, seed=config.seed, latent=m.latent, hidden=m.hidden, dropout=m.dropout, latent2=m.latent2
+            slot, seed=config.seed, latent=m.latent, hidden=m.hidden, dropout=m.dropout, latent2=m.latent2,
+            aux_weight=k.aux_weight, mmd_weight=k.mmd_weight if k.divergence == "mmd" else 0.0,
         )
         self.optimizer.reset_slot(slot)
         o = config.optim
@@ -234,7 +235,7 @@ class Population:
         # host-side choices the steps' kernels depend on (tensor contents may change freely)
         key = (
             self.steps_per_epoch, self._clipping, self.optimizer._decay, self.optimizer.update,
-            self.model._any_dropout, self.precision,
+            self.model.step_flags, self.precision,
         )
         self.steps_done = 0
         out = self.graph.run(key, self._launch_steps)

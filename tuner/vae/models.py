@@ -16,6 +16,18 @@ Families (fixed per population: they change tensor shapes):
 * hierarchy ``flat`` (the default) or ``ladder`` (two levels, z1 of size ``latent`` near the data
   and z2 of size ``latent2`` on top, :mod:`tuner.vae.ladder`; Gaussian posterior and prior only).
 
+Remedies for posterior collapse are per-slot values (buffers set by :meth:`VAE.init_slot`), so slots
+with and without them share a population; they change the training ``loss`` only, never the
+reported ``neg_elbo``, ``recon`` or ``kl`` (the true model's):
+
+* ``aux_weight`` alpha (Semeniuta et al. 2017): a second, weak decoder, one linear layer from z alone
+  (``aux_out``), whose reconstruction -log p_aux(x|z) is added to the loss times alpha, so z must
+  carry what a linear map can read back. Its weights exist in every slot; at alpha 0 the term is not
+  computed (no slot uses it) or adds an exact 0 with a zero gradient (a neighbour uses it).
+* ``mmd_weight`` lambda (InfoVAE / MMD-VAE, Zhao et al. 2017, :mod:`tuner.vae.mmd`): where > 0 the
+  KL term (with its schedule, free bits and capacity) is *replaced* by lambda * MMD(z of the batch,
+  as many prior draws): the loss is recon + lambda * MMD, InfoVAE with alpha = 1.
+
 The default family (gaussian, normal, flat) is *closed form*: its KL is analytic, and it computes
 exactly what it always did. Every other family estimates log q(z|x) - log p(z) per dim from the
 drawn z (Monte Carlo), except the ladder, which is analytic per level given the drawn z2.
@@ -39,20 +51,21 @@ from tuner.vae.flows import IAF
 from tuner.vae.ladder import Ladder
 from tuner.vae.layers import StackedConv2d, StackedConvTranspose2d, StackedLinear, fold_slots, unfold_slots
 from tuner.vae.metrics import gaussian_kl_per_dim
+from tuner.vae.mmd import mmd
 from tuner.vae.priors import MixturePrior, VampPrior, mixture_log_prob_dims, normal_log_prob_dims, sample_prior
 from tuner.vae.schedules import free_bits_kl
 
 __all__ = ["VAE", "VAEOutput"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_STREAM_EPS, _STREAM_DROPOUT = 1, 2
+_STREAM_EPS, _STREAM_DROPOUT, _STREAM_MMD_PRIOR = 1, 2, 3
 
 
 @dataclass
 class VAEOutput:
     """Per-slot training quantities, each (S,), in nats per example (batch means)."""
 
-    loss: Tensor  # what is minimized: recon + kl_weight * |KL (free bits) - capacity|
+    loss: Tensor  # what is minimized: recon + kl_weight * |KL (free bits) - capacity| (+ remedies, module docstring)
     neg_elbo: Tensor  # recon + kl, beta = 1
     recon: Tensor  # -E_q log p(x|z)
     kl: Tensor  # KL(q(z|x) || p(z)): analytic, or MC for non-closed-form families (module docstring)
@@ -120,7 +133,9 @@ class VAE(nn.Module):
             self.log_scale = nn.Parameter(torch.zeros(slots, 1, self.data_dim))  # per-pixel log sigma
         self.register_buffer("latent_mask", torch.zeros(slots, latent_max))
         self.register_buffer("dropout_rate", torch.zeros(slots))
-        self._any_dropout = False
+        self.register_buffer("aux_weight", torch.zeros(slots))  # alpha per slot, 0 = no auxiliary decoder
+        self.register_buffer("mmd_weight", torch.zeros(slots))  # lambda per slot, 0 = the KL divergence
+        self._any_dropout = self._any_aux = self._any_mmd = False
         # family modules come after the base ones, so the default family's parameters (names,
         # order, the flat vector's layout, the init draws) are exactly what they always were
         self.flow = IAF(slots, flow_steps, latent_max, hidden_max, hidden_max) if posterior == "iaf" else None
@@ -130,6 +145,8 @@ class VAE(nn.Module):
         elif prior == "vamp":
             self.prior = VampPrior(slots, prior_components, self.data_dim)
         self.ladder = Ladder(slots, hidden_max, latent_max) if hierarchy == "ladder" else None
+        # last of all, so every other parameter keeps its place in the flat vector and its init draws
+        self.aux_out = StackedLinear(slots, latent_max, self.data_dim)  # the auxiliary decoder, z -> x
         # noise per example: (Zmax,) or one row per ladder level, so coordinates never depend on Zmax
         self.noise_shape: tuple[int, ...] = (2, latent_max) if self.ladder is not None else (latent_max,)
         # floats per example in the largest temporary of sample() (sizes metric chunks)
@@ -145,10 +162,11 @@ class VAE(nn.Module):
     # ----------------------------------------------------------------------------------- slots
     @torch.no_grad()
     def init_slot(
-        self, slot: int, *, seed: int, latent: int, hidden: int, dropout: float, latent2: int = 0
+        self, slot: int, *, seed: int, latent: int, hidden: int, dropout: float, latent2: int = 0,
+        aux_weight: float = 0.0, mmd_weight: float = 0.0,
     ) -> None:
         """Fresh weights for one slot, drawn from its own seed at its true sizes (latent2: the
-        ladder's top level; ignored by flat models)."""
+        ladder's top level; ignored by flat models), and its remedy weights (module docstring)."""
         if max(latent, latent2 if self.ladder is not None else 0) > self.latent_max or hidden > self.hidden_max:
             raise ValueError(
                 f"slot needs latent {latent} (level 2: {latent2}), hidden {hidden} but the population holds "
@@ -172,18 +190,28 @@ class VAE(nn.Module):
         self.latent_mask[slot].zero_()
         self.latent_mask[slot, :latent] = 1.0
         self.dropout_rate[slot] = dropout
-        self.refresh_flags()
         if self.flow is not None:
             self.flow.init_slot(slot, latent, hidden, hidden, g)
         if self.prior is not None:
             self.prior.init_slot(slot, latent, g)
         if self.ladder is not None:
             self.ladder.init_slot(slot, latent, latent2, hidden, g)
+        self.aux_out.init_slot(slot, latent, self.data_dim, g)  # drawn last: the others' draws are unchanged
+        self.aux_weight[slot] = aux_weight
+        self.mmd_weight[slot] = mmd_weight
+        self.refresh_flags()
 
     def refresh_flags(self) -> None:
-        """The host-side flag the forward pass branches on (any slot with dropout), from the rates
-        (after a slot is initialised, or slots are copied in)."""
+        """The host-side flags the forward pass branches on (any slot with dropout, an auxiliary
+        decoder, the MMD), from the per-slot values (after a slot is initialised, or slots are copied in)."""
         self._any_dropout = bool((self.dropout_rate > 0).any())
+        self._any_aux = bool((self.aux_weight > 0).any())
+        self._any_mmd = bool((self.mmd_weight > 0).any())
+
+    @property
+    def step_flags(self) -> tuple[bool, bool, bool]:
+        """The host-side flags that change a training step's kernels (a captured graph's key)."""
+        return self._any_dropout, self._any_aux, self._any_mmd
 
     # ------------------------------------------------------------------------------ networks
     def _dropout(self, h: Tensor, key: Tensor | None, layer: int) -> Tensor:
@@ -241,11 +269,12 @@ class VAE(nn.Module):
             out = unfold_slots(h, s)
         return out
 
-    def log_likelihood(self, x: Tensor, params: Tensor) -> Tensor:
-        """log p(x|z) summed over the D data dims -> (S, B) nats."""
+    def log_likelihood(self, x: Tensor, params: Tensor, log_scale: Tensor | None = None) -> Tensor:
+        """log p(x|z) summed over the D data dims -> (S, B) nats (Gaussian: the model's per-pixel
+        log-scale unless another is given)."""
         if self.likelihood == "bernoulli":
             return -F.binary_cross_entropy_with_logits(params, x.expand_as(params), reduction="none").sum(-1)
-        log_scale = self.log_scale.clamp(-7.0, 3.0)
+        log_scale = (self.log_scale if log_scale is None else log_scale).clamp(-7.0, 3.0)
         z = (x - params) * torch.exp(-log_scale)
         return (-0.5 * z * z - log_scale - 0.5 * _LOG_2PI).sum(-1)
 
@@ -306,6 +335,38 @@ class VAE(nn.Module):
         mu_p, lv_p = self.ladder.prior1(z2, self.latent_mask.unsqueeze(1))
         return (mu_p + torch.exp(0.5 * lv_p) * eps[:, :, 0]) * self.latent_mask.unsqueeze(1)
 
+    # ------------------------------------------------------------------------------ remedies
+    def aux_recon(self, x: Tensor, z: Tensor) -> Tensor:
+        """-log p_aux(x|z) of the auxiliary decoder, batch mean per slot: (S,) nats.
+
+        x (S, B, D), z (S, B, Zk) (the decoder's latent is z[..., :Zmax]). The likelihood is the
+        model's; a Gaussian one reads the model's log-scale detached, so the auxiliary term never
+        moves the true decoder's noise level.
+        """
+        params = self.aux_out(z[..., : self.latent_max] * self.latent_mask.unsqueeze(1))  # (S, B, D)
+        scale = None if self.likelihood == "bernoulli" else self.log_scale.detach()
+        return -self.log_likelihood(x, params, scale).mean(1)
+
+    def mmd_to_prior(self, z: Tensor, key: Tensor) -> Tensor:
+        """MMD between the batch's posterior draws z (S, B, Zk) and as many N(0, I) draws: (S,).
+
+        The prior draws come from the slot's key (stream _STREAM_MMD_PRIOR), per coordinate like
+        every draw here, so they do not depend on the population's Zmax (:mod:`tuner.vae.mmd`).
+        """
+        mask = self.latent_mask.unsqueeze(1)
+        prior = noise.normal(noise.derive(key, _STREAM_MMD_PRIOR), (z.shape[1], self.latent_max)) * mask
+        return mmd(z[..., : self.latent_max] * mask, prior, self.latent_mask.sum(-1))
+
+    def _with_remedies(self, loss: Tensor, recon: Tensor, x: Tensor, z: Tensor, key: Tensor) -> Tensor:
+        """The training loss (S,) with each slot's remedies: where lambda > 0, recon + lambda * MMD
+        replaces it; then + alpha * the auxiliary reconstruction. Slots without them keep ``loss``
+        exactly (torch.where picks it; alpha 0 adds an exact 0)."""
+        if self._any_mmd:
+            loss = torch.where(self.mmd_weight > 0, recon + self.mmd_weight * self.mmd_to_prior(z, key), loss)
+        if self._any_aux:
+            loss = loss + self.aux_weight * self.aux_recon(x, z)
+        return loss
+
     # ------------------------------------------------------------------------------ training
     def forward(
         self, x: Tensor, key: Tensor, kl_weight: Tensor, capacity: Tensor, free_bits: Tensor, samples: int = 1,
@@ -316,6 +377,8 @@ class VAE(nn.Module):
         samples: z draws per example (the encoder runs once); recon, KL and -ELBO are their means.
         iwae: the loss is the ``samples``-draw importance-weighted bound with log-weights
         log p(x|z) - kl_weight * (log q(z|x) - log p(z)) instead of the -ELBO with the KL schedule.
+        The slots' remedies act on the loss in every case (:meth:`_with_remedies`; the config allows
+        the MMD with the -ELBO objective only).
         """
         local = self.local_posterior(x, key)
         if samples == 1 and not iwae:  # the -ELBO from one draw: the default training step
@@ -324,7 +387,7 @@ class VAE(nn.Module):
             recon = -self.log_likelihood(x, self.decode(z[..., : self.latent_max], key)).mean(1)  # (S,)
             kl = kl_per_dim.sum(-1).mean(1)
             kl_term = free_bits_kl(kl_per_dim, free_bits, self.kl_mask)
-            loss = recon + kl_weight * (kl_term - capacity).abs()
+            loss = self._with_remedies(recon + kl_weight * (kl_term - capacity).abs(), recon, x, z, key)
             return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
         s, b = x.shape[:2]
         # draws (S, k, B, *noise) flattened to rows ordered (k, b), the posteriors tiled to match
@@ -332,13 +395,15 @@ class VAE(nn.Module):
         tiled = {name: v.repeat(1, samples, *([1] * (v.dim() - 2))) for name, v in local.items()}
         # mc: the sampled log q(z|x) - log p(z) per draw, what an importance weight needs
         z, kl_per_dim = self.sample(tiled, eps, mc=iwae)  # (S, kB, Zk)
-        ll = self.log_likelihood(x.repeat(1, samples, 1), self.decode(z[..., : self.latent_max], key))  # (S, kB)
+        x = x.repeat(1, samples, 1)  # (S, kB, D), rows ordered as the draws
+        ll = self.log_likelihood(x, self.decode(z[..., : self.latent_max], key))  # (S, kB)
         recon, kl = -ll.mean(1), kl_per_dim.sum(-1).mean(1)
         if iwae:
             log_w = (ll - kl_weight.unsqueeze(1) * kl_per_dim.sum(-1)).view(s, samples, b)
             loss = -(torch.logsumexp(log_w, dim=1) - math.log(samples)).mean(1)
         else:
             loss = recon + kl_weight * (free_bits_kl(kl_per_dim, free_bits, self.kl_mask) - capacity).abs()
+        loss = self._with_remedies(loss, recon, x, z, key)
         return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
 
     # -------------------------------------------------------------------- local posteriors

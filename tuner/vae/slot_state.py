@@ -174,12 +174,12 @@ def load(pop: Population, slot: int, ckpt: dict[str, Any]) -> None:
     config = parse_config(ckpt["config"], source="checkpoint config")
     pop.assign(slot, config)
     for name, p, b in zip(pop.names, pop.params, pop.best):
-        p[slot] = _fit(ckpt["model"][name], p.shape[1:]).to(pop.device)
-        b[slot] = _fit(ckpt["best"][name], p.shape[1:]).to(pop.device)
+        p[slot] = _saved(ckpt["model"], name, p.shape[1:]).to(pop.device)
+        b[slot] = _saved(ckpt["best"], name, p.shape[1:]).to(pop.device)
     state = {}
     for key, value in ckpt["optimizer"].items():
         if isinstance(value, dict):  # a moment of the flat parameter, per parameter name
-            state[key] = torch.cat([_fit(value[n], p.shape[1:]).flatten() for n, p in zip(pop.names, pop.params)])
+            state[key] = torch.cat([_saved(value, n, p.shape[1:]).flatten() for n, p in zip(pop.names, pop.params)])
         else:
             state[key] = value
     pop.optimizer.load_slot_state(slot, state)
@@ -190,6 +190,19 @@ def load(pop: Population, slot: int, ckpt: dict[str, Any]) -> None:
     st.best_val, st.best_epoch, st.bad_epochs = ckpt["best_val"], ckpt["best_epoch"], ckpt["bad_epochs"]
     st.history = [dict(r) for r in ckpt["history"]]
     pop.live[slot] = st.status == "running"
+
+
+# parameters added to every model after checkpoints without them were written: such a checkpoint
+# loads them as zeros (the auxiliary decoder: unused by any config of that time, aux_weight 0)
+_ADDED_SINCE = ("aux_out.",)
+
+
+def _saved(tensors: dict[str, Tensor], name: str, shape: torch.Size) -> Tensor:
+    """A checkpoint's tensor for parameter `name`, fitted to `shape`; zeros for a parameter the
+    checkpoint predates (_ADDED_SINCE)."""
+    if name not in tensors and name.startswith(_ADDED_SINCE):
+        return torch.zeros(shape)
+    return _fit(tensors[name], shape)
 
 
 def _fit(t: Tensor, shape: torch.Size) -> Tensor:
