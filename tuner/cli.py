@@ -146,7 +146,9 @@ def _print_ranking(study: optuna.Study, spec: StudySpec) -> None:
     frame = ranking_frame(study)
     if not frame.empty:
         console = Console()
-        title = f"top {min(10, len(frame))} of {len(frame)} complete trials (collapsed last; val split, nats)"
+        # a short title: rich wraps a title to its table's width
+        title = f"top {min(10, len(frame))} of {len(frame)} complete trials"
+        console.print("ranking (collapsed last; validation split, nats):")
         for table in ranking_tables(frame.head(10), title, width=console.width):
             console.print(table)
 
