@@ -216,15 +216,22 @@ def test_family_config_errors_name_the_field(small_npz: Path) -> None:
     assert PopulationShape.of(a) != PopulationShape.of(config(small_npz, "mog", prior_components=5))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tuner_train_runs_each_family(family: str, small_npz: Path, tmp_path: Path) -> None:
-    raw = config(small_npz, family, seed=4).model_dump(mode="json")
+def train_one_epoch(raw: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """`tuner train` of the config `raw` for one epoch on CPU in a subprocess, into tmp_path/run:
+    its metrics.json, checked to be one epoch with a finite IWAE NLL below the -ELBO."""
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run([TUNER, "train", tmp_path / "c.yaml", "--out", tmp_path / "run", "--epochs", "1",
                            "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["epochs"] == 1 and math.isfinite(m["iwae_nll"]) and m["iwae_nll"] < m["neg_elbo"]
+    return m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tuner_train_runs_each_family(family: str, small_npz: Path, tmp_path: Path) -> None:
+    raw = config(small_npz, family, seed=4).model_dump(mode="json")
+    m = train_one_epoch(raw, tmp_path)
     assert (tmp_path / "run" / "samples.png").is_file()
     cfg, model = load_run(tmp_path / "run")
     assert cfg.model == parse_config(raw).model
