@@ -49,6 +49,7 @@ class PopulationShape:
     hierarchy: str = "flat"
     objective: str = "elbo"
     samples: int = 1  # z draws per example in a training step (the IWAE bound's k)
+    mixture: int = 1  # encoders of a mixture posterior (tuner.vae.mixture)
 
     @classmethod
     def of(cls, config: TrainConfig) -> PopulationShape:
@@ -59,6 +60,7 @@ class PopulationShape:
             posterior=m.posterior, flow_steps=m.flow_steps if m.posterior == "iaf" else 0,
             prior=m.prior, prior_components=m.prior_components if m.prior != "normal" else 0,
             hierarchy=m.hierarchy, objective=t.objective, samples=t.k if t.objective == "iwae" else 1,
+            mixture=m.mixture,
         )
 
 
@@ -116,5 +118,5 @@ def _vae(shape: PopulationShape, image_shape: tuple[int, int, int], latent_max: 
         arch=shape.arch, likelihood=shape.likelihood, image_shape=image_shape, slots=slots,
         latent_max=latent_max, hidden_max=hidden_max, depth=shape.depth, channels=max(shape.channels, 1),
         posterior=shape.posterior, flow_steps=shape.flow_steps, prior=shape.prior,
-        prior_components=shape.prior_components, hierarchy=shape.hierarchy,
+        prior_components=shape.prior_components, hierarchy=shape.hierarchy, mixture=shape.mixture,
     )
