@@ -172,3 +172,7 @@ def test_config_errors_and_export() -> None:
     assert "\n" not in str(error.value).strip()
     assert settings_that_apply(parse_config({"train": {"aggressive_epochs": 5}}))["train"]["aggressive_epochs"] == 5
     assert "aggressive_epochs" not in settings_that_apply(parse_config({}))["train"]
+    from quality import family_config  # benchmarks/ (conftest puts it on the path)
+
+    row = family_config(parse_config({}), "aggressive")
+    assert row.train.aggressive_epochs == 5 and row.model == parse_config({}).model
