@@ -86,10 +86,13 @@ class ModelConfig(StrictModel):
     autoregressive flow steps, Kingma et al. 2016; KL by Monte Carlo).
     prior: ``normal`` (N(0, I)), ``mog`` (a learned mixture of ``prior_components`` Gaussians) or
     ``vamp`` (VampPrior over ``prior_components`` learned pseudo-inputs, Tomczak & Welling 2018);
-    the KL to a mixture is estimated by Monte Carlo.
+    the KL to a mixture is estimated by Monte Carlo. ``diffusion`` (Wehenkel & Louppe 2021): a
+    ``diffusion_steps``-step DDPM over z with a noise network of ``diffusion_hidden`` units; log p(z)
+    is replaced by a one-chain variational bound, so its -ELBO and IWAE NLL are upper bounds.
     hierarchy: ``flat`` (one latent layer of ``latent`` dims) or ``ladder`` (Sønderby et al. 2016:
     z1 of ``latent`` dims near the data, z2 of ``latent2`` dims on top; Gaussian posterior and
-    normal prior only). flow_steps, prior_components and latent2 are ignored where they do not apply.
+    normal prior only). flow_steps, prior_components (mog, vamp), diffusion_steps, diffusion_hidden
+    and latent2 are ignored where they do not apply.
     """
 
     arch: Literal["mlp", "conv"] = "mlp"
@@ -101,8 +104,10 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     posterior: Literal["gaussian", "iaf"] = "gaussian"
     flow_steps: int = Field(2, ge=1, le=16)
-    prior: Literal["normal", "mog", "vamp"] = "normal"
+    prior: Literal["normal", "mog", "vamp", "diffusion"] = "normal"
     prior_components: int = Field(10, ge=1, le=1024)
+    diffusion_steps: int = Field(20, ge=1, le=1000)
+    diffusion_hidden: int = Field(64, ge=1, le=4096)
     hierarchy: Literal["flat", "ladder"] = "flat"
     latent2: int = Field(16, ge=1, le=4096)
 
