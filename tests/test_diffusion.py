@@ -177,6 +177,8 @@ def test_diffusion_config_shape_and_export(small_npz: Path) -> None:
         config(small_npz, diffusion_steps=0)
     with pytest.raises(TunerError, match="model.hierarchy 'ladder' needs"):
         config(small_npz, hierarchy="ladder")
+    with pytest.raises(TunerError, match="model.mixture 2 needs a prior with a density"):
+        config(small_npz, mixture=2)
     with pytest.raises(TunerError, match="kl.divergence 'mmd'"):
         parse_config({**a.model_dump(mode="json"), "kl": {"divergence": "mmd"}})
 

@@ -93,6 +93,9 @@ class ModelConfig(StrictModel):
     z1 of ``latent`` dims near the data, z2 of ``latent2`` dims on top; Gaussian posterior and
     normal prior only). flow_steps, prior_components (mog, vamp), diffusion_steps, diffusion_hidden
     and latent2 are ignored where they do not apply.
+    mixture: M encoders sharing one decoder, q(z|x) their equal-weight mixture, trained with the
+    MISELBO (Kviman et al. 2023; tuner.vae.mixture); 1 is the plain encoder. Gaussian posterior,
+    flat hierarchy, not the diffusion prior.
     """
 
     arch: Literal["mlp", "conv"] = "mlp"
@@ -110,6 +113,7 @@ class ModelConfig(StrictModel):
     diffusion_hidden: int = Field(64, ge=1, le=4096)
     hierarchy: Literal["flat", "ladder"] = "flat"
     latent2: int = Field(16, ge=1, le=4096)
+    mixture: int = Field(1, ge=1, le=16)
 
 
 class OptimConfig(StrictModel):
@@ -226,6 +230,25 @@ class TrainConfig(StrictModel):
                 f"model.hierarchy 'ladder' needs model.posterior 'gaussian' and model.prior 'normal' (its "
                 f"p(z1|z2) is the prior), but got posterior {m.posterior!r}, prior {m.prior!r}; change them, "
                 "or in a study space give model.hierarchy when: {model.posterior: gaussian, model.prior: normal}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mixture_fits_the_family(self) -> TrainConfig:
+        m = self.model
+        if m.mixture > 1 and (m.posterior, m.hierarchy) != ("gaussian", "flat"):
+            raise ValueError(
+                f"model.mixture {m.mixture} mixes diagonal Gaussian encoders, so it needs model.posterior "
+                f"'gaussian' and model.hierarchy 'flat', but got posterior {m.posterior!r}, hierarchy "
+                f"{m.hierarchy!r}; set model.mixture 1, or in a study space give model.mixture when: "
+                "{model.posterior: gaussian, model.hierarchy: flat}"
+            )
+        if m.mixture > 1 and m.prior == "diffusion":
+            raise ValueError(
+                f"model.mixture {m.mixture} needs a prior with a density, but model.prior 'diffusion' only "
+                "bounds log p(z) along a chain drawn beside one Gaussian posterior draw; set model.mixture 1 "
+                "or another model.prior, or in a study space give model.mixture when: "
+                "{model.prior: [normal, mog, vamp]}"
             )
         return self
 

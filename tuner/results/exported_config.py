@@ -69,6 +69,7 @@ _APPLIES_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     "kl.divergence": lambda c: c.kl.divergence != "kl",
     "kl.mmd_weight": lambda c: c.kl.divergence == "mmd",
     "kl.aux_weight": lambda c: c.kl.aux_weight > 0,
+    "model.mixture": lambda c: c.model.mixture > 1,  # 1, the plain encoder, is what absence loads
     # draws per example of the iwae loss (PopulationShape.of); the gaps' optimizer (tuner.vae.gaps)
     "train.k": lambda c: c.train.objective == "iwae",
     "train.gap_steps": lambda c: c.train.gap_examples > 0,

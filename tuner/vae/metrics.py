@@ -280,12 +280,18 @@ def _locals(model: Any, x: Tensor, batch_size: int) -> dict[str, Tensor]:
 
 def _repeat(local: dict[str, Tensor], rows: slice, times: int) -> dict[str, Tensor]:
     """Rows of every local tensor, tiled `times` along the example axis (rows ordered (t, b))."""
-    return {name: v[:, rows].repeat(1, times, 1) for name, v in local.items()}
+    return {name: v[:, rows].repeat(1, times, *([1] * (v.dim() - 2))) for name, v in local.items()}
 
 
 def _family_noise(model: Any, keys: Tensor) -> Tensor:
     """(*keys.shape, *model.noise_shape) N(0, 1) draws, one block per key."""
     return noise.normal(keys.reshape(-1), model.noise_shape).view(*keys.shape, *model.noise_shape)
+
+
+def _stratify(model: Any, eps: Tensor, draws: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """model.stratify where the model has it (a mixture posterior's components), else unchanged."""
+    stratify = getattr(model, "stratify", None)
+    return (eps, None) if stratify is None else stratify(eps, draws, k)
 
 
 def _sampled_iwae(
@@ -304,13 +310,17 @@ def _sampled_iwae(
         for k0 in range(0, k, kc):
             ks = torch.arange(k0, min(k, k0 + kc), device=device)
             keys = noise.derive(key[:, None, None], idx[None, None, :], ks[None, :, None])  # (S, kc, B)
-            eps = _family_noise(model, keys).flatten(1, 2)  # (S, kc*B, *noise), rows ordered (k, b)
-            z, log_ratio = model.sample(_repeat(local, rows, len(ks)), eps, mc=True)
+            # a mixture posterior's draws are stratified over its components, weighted by `offset`
+            eps, offset = _stratify(model, _family_noise(model, keys), ks, k)
+            z, log_ratio = model.sample(_repeat(local, rows, len(ks)), eps.flatten(1, 2), mc=True)  # rows (k, b)
             xk = xb.repeat(len(ks), 1).expand(s, -1, -1)
             ll = model.log_likelihood(xk, model.decode(z[..., : model.latent_max]))  # (S, kc*B)
-            recon -= ll.sum(dim=1)
-            kl_dims = kl_dims + log_ratio.sum(dim=1)  # (S, Zk)
-            log_w.append((ll - log_ratio.sum(dim=-1)).view(s, len(ks), b))
+            weight = torch.ones(len(ks), device=device) if offset is None else torch.exp(offset)
+            weight = weight.repeat_interleave(b)  # (kc*B,): 1, or the draw's stratum weight (mean 1 over all k)
+            recon -= (ll * weight).sum(dim=1)
+            kl_dims = kl_dims + (log_ratio * weight[:, None]).sum(dim=1)  # (S, Zk)
+            lw = (ll - log_ratio.sum(dim=-1)).view(s, len(ks), b)
+            log_w.append(lw if offset is None else lw + offset[:, None])
         total -= (torch.logsumexp(torch.cat(log_w, dim=1), dim=1) - math.log(k)).sum(dim=1)
     draws = k * x.shape[0]
     return total / x.shape[0], recon / draws, kl_dims / draws
@@ -323,7 +333,11 @@ def _sampled_moments(model: Any, local: dict[str, Tensor], key: Tensor, batch_si
     if exact is not None:
         return exact
     s, n, m = model.slots, local["mu"].shape[1], MOMENT_SAMPLES
-    eps = _family_noise(model, noise.derive(key[:, None], torch.arange(m, device=key.device)[None, :]))  # (S, M, *noise)
+    draws = torch.arange(m, device=key.device)
+    eps = _family_noise(model, noise.derive(key[:, None], draws[None, :]))  # (S, M, *noise)
+    eps, offset = _stratify(model, eps[:, :, None], draws, m)
+    eps = eps[:, :, 0]
+    weight = None if offset is None else torch.exp(offset)[:, None, None]  # (M, 1, 1): mean 1 over the draws
     means, logvars = [], []
     for start in range(0, n, batch_size):
         rows = slice(start, min(n, start + batch_size))
@@ -331,8 +345,13 @@ def _sampled_moments(model: Any, local: dict[str, Tensor], key: Tensor, batch_si
         e = eps[:, :, None].expand(s, m, b, *model.noise_shape).flatten(1, 2)  # (S, M*b, *noise)
         z, _ = model.sample(_repeat(local, rows, m), e)
         z = z.view(s, m, b, -1)
-        means.append(z.mean(dim=1))
-        logvars.append(torch.log(z.var(dim=1, correction=0).clamp_min(1e-8)))
+        if offset is None:
+            mean, var = z.mean(dim=1), z.var(dim=1, correction=0)
+        else:  # a mixture's stratified draws, weighted by their strata
+            mean = (z * weight).mean(dim=1)
+            var = ((z - mean[:, None]).square() * weight).mean(dim=1)
+        means.append(mean)
+        logvars.append(torch.log(var.clamp_min(1e-8)))
     return torch.cat(means, dim=1), torch.cat(logvars, dim=1)
 
 

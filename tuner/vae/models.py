@@ -55,6 +55,7 @@ from tuner.vae.flows import IAF
 from tuner.vae.ladder import Ladder
 from tuner.vae.layers import StackedConv2d, StackedConvTranspose2d, StackedLinear, fold_slots, unfold_slots
 from tuner.vae.metrics import gaussian_kl_per_dim
+from tuner.vae.mixture import MixtureEncoders, pick, posterior_log_prob_dims, stratify
 from tuner.vae.mmd import mmd
 from tuner.vae.priors import MixturePrior, VampPrior, mixture_log_prob_dims, normal_log_prob_dims, sample_prior
 from tuner.vae.schedules import free_bits_kl
@@ -94,12 +95,13 @@ class VAE(nn.Module):
         prior: str = "normal",
         prior_components: int = 0,
         hierarchy: str = "flat",
+        mixture: int = 1,
         diffusion_steps: int = 0,
         diffusion_hidden: int = 0,
     ) -> None:
         super().__init__()
         self.posterior, self.prior_name, self.hierarchy = posterior, prior, hierarchy
-        self.closed_form = posterior == "gaussian" and prior == "normal" and hierarchy == "flat"
+        self.closed_form = posterior == "gaussian" and prior == "normal" and hierarchy == "flat" and mixture == 1
         self.arch, self.likelihood, self.image_shape = arch, likelihood, image_shape
         self.slots, self.latent_max, self.hidden_max, self.depth = slots, latent_max, hidden_max, depth
         c, h, w = image_shape
@@ -153,21 +155,24 @@ class VAE(nn.Module):
         self.ladder = Ladder(slots, hidden_max, latent_max) if hierarchy == "ladder" else None
         # last of all, so every other parameter keeps its place in the flat vector and its init draws
         self.aux_out = StackedLinear(slots, latent_max, self.data_dim)  # the auxiliary decoder, z -> x
-        # after aux_out, so every other family's parameters and init draws stay where they were
+        # families added after the auxiliary decoder come after it, for the same reason
+        self.components = mixture  # of the posterior: encoders 2..M, :mod:`tuner.vae.mixture`
+        self.mixture = MixtureEncoders(slots, mixture, enc_in, hidden_max, latent_max, depth) if mixture > 1 else None
         self.diffusion = (
             DiffusionPrior(slots, diffusion_steps, latent_max, diffusion_hidden) if prior == "diffusion" else None
         )
         # the diffusion bound is a one-chain bound on log p(z): -ELBO and IWAE NLL are upper bounds
         self.prior_bound = self.diffusion is not None
-        # noise per example: (Zmax,), one row per ladder level, or the diffusion prior's posterior row
-        # then its T forward-chain rows; coordinates per row, so they never depend on Zmax
-        self.noise_shape: tuple[int, ...] = (latent_max,)
-        if self.ladder is not None:
-            self.noise_shape = (2, latent_max)
+        # noise per example: (Zmax,), one row per ladder level, a mixture's component selector then
+        # (Zmax,), or the diffusion prior's posterior row then its T forward-chain rows; so
+        # coordinates never depend on Zmax
+        self.noise_shape: tuple[int, ...] = (2, latent_max) if self.ladder is not None else (latent_max,)
+        if self.mixture is not None:
+            self.noise_shape = (1 + latent_max,)
         elif self.diffusion is not None:
             self.noise_shape = (1 + diffusion_steps, latent_max)
         # floats per example in the largest temporary of sample() (sizes metric chunks)
-        self.sample_width = latent_max * max(prior_components, 1) + (hidden_max if self.flow is not None else 0)
+        self.sample_width = latent_max * max(prior_components, 1, mixture) + (hidden_max if self.flow is not None else 0)
         if self.diffusion is not None:  # the chain (1 + T) x Zmax, its states twice, T hidden rows twice
             self.sample_width += diffusion_steps * (3 * latent_max + 2 * diffusion_hidden) + latent_max
 
@@ -215,8 +220,10 @@ class VAE(nn.Module):
             self.prior.init_slot(slot, latent, g)
         if self.ladder is not None:
             self.ladder.init_slot(slot, latent, latent2, hidden, g)
-        self.aux_out.init_slot(slot, latent, self.data_dim, g)  # drawn last: the others' draws are unchanged
-        if self.diffusion is not None:  # after aux_out's draws: the other families' stay unchanged
+        self.aux_out.init_slot(slot, latent, self.data_dim, g)  # drawn after the others: their draws are unchanged
+        if self.mixture is not None:
+            self.mixture.init_slot(slot, enc_in, hidden, latent, g)
+        if self.diffusion is not None:  # after aux_out's and the mixture's draws: theirs stay unchanged
             self.diffusion.init_slot(slot, latent, self.diffusion.hidden, g)
         self.aux_weight[slot] = aux_weight
         self.mmd_weight[slot] = mmd_weight
@@ -242,15 +249,19 @@ class VAE(nn.Module):
         u = noise.uniform(noise.derive(key, _STREAM_DROPOUT, layer), tuple(h.shape[1:]))
         return torch.where(u >= p, h / (1.0 - p), 0.0)
 
-    def _features(self, x: Tensor, dropout_key: Tensor | None = None) -> Tensor:
-        """x (S, B, D) in [0, 1] -> the encoder's last hidden layer (S, B, Hmax)."""
-        h = x
-        if self.arch == "conv":
-            s, b, _ = x.shape
-            h = fold_slots(x.reshape(s, b, *self.image_shape))  # (B, S*C, H, W)
-            for conv in self.conv_enc:
-                h = F.max_pool2d(F.relu(conv(h)), 2)
-            h = unfold_slots(h, s)  # (S, B, 2c*H/4*W/4)
+    def _trunk(self, x: Tensor) -> Tensor:
+        """x (S, B, D) -> the encoder's dense input: x itself, or the conv layers' features."""
+        if self.arch != "conv":
+            return x
+        s, b, _ = x.shape
+        h = fold_slots(x.reshape(s, b, *self.image_shape))  # (B, S*C, H, W)
+        for conv in self.conv_enc:
+            h = F.max_pool2d(F.relu(conv(h)), 2)
+        return unfold_slots(h, s)  # (S, B, 2c*H/4*W/4)
+
+    def _features(self, x: Tensor, dropout_key: Tensor | None = None, trunk: Tensor | None = None) -> Tensor:
+        """x (S, B, D) in [0, 1] -> the encoder's last hidden layer (S, B, Hmax) (trunk: _trunk(x), if at hand)."""
+        h = self._trunk(x) if trunk is None else trunk
         for i, layer in enumerate(self.enc_hidden):
             h = self._dropout(F.relu(layer(h)), dropout_key, i)
         return h
@@ -266,9 +277,13 @@ class VAE(nn.Module):
         for pictures): IAF the flow applied to the base mean (eps = 0) with the base logvar; ladder
         q(z1|x, z2 = mu2).
         """
-        if self.flow is None and self.ladder is None:
+        if self.flow is None and self.ladder is None and self.mixture is None:
             return self._heads(self._features(x, dropout_key))
         local = self.local_posterior(x, dropout_key)
+        if self.mixture is not None:  # the mixture's moments, per dim
+            mean = local["mu"].mean(2)
+            second = (torch.exp(local["logvar"]) + local["mu"].square()).mean(2)
+            return mean, torch.log((second - mean.square()).clamp_min(1e-8)) * self.latent_mask.unsqueeze(1)
         zero = torch.zeros(*local["mu"].shape[:2], *self.noise_shape, device=x.device)
         z, _ = self.sample(local, zero)
         if self.ladder is None:
@@ -327,6 +342,12 @@ class VAE(nn.Module):
         if self.ladder is not None:
             return self.ladder.sample(local, eps, mask, mc)
         mu, logvar = local["mu"], local["logvar"]
+        if self.mixture is not None:  # one component per draw (its selector), scored by the whole mixture
+            idx = pick(eps, self.components)[..., None, None].expand(*mu.shape[:2], 1, mu.shape[-1])
+            mu_c, logvar_c = mu.gather(2, idx).squeeze(2), logvar.gather(2, idx).squeeze(2)
+            z = (mu_c + torch.exp(0.5 * logvar_c) * eps[..., 1:]) * mask
+            log_q = posterior_log_prob_dims(z, mu, logvar, self.latent_mask)
+            return z, (log_q - self.log_prior_dims(z)) * mask
         chain = None
         if self.diffusion is not None:  # row 0 draws z, rows 1..T drive the prior's forward chain
             eps, chain = eps[..., 0, :], eps[..., 1:, :]
@@ -344,9 +365,17 @@ class VAE(nn.Module):
     def posterior_gaussian(self, local: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
         """q(z|x) as (mu, logvar) over the KL dims when it is exactly a diagonal Gaussian (flat,
         gaussian posterior, any prior), else None (IAF, ladder: metrics then moment-match samples)."""
-        if self.flow is None and self.ladder is None:
+        if self.flow is None and self.ladder is None and self.mixture is None:
             return local["mu"], local["logvar"]
         return None
+
+    def stratify(self, eps: Tensor, draws: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+        """Noise (S, J, B, *noise_shape) of draws ``draws`` (J,) out of k per example, stratified
+        over a mixture posterior's components, and the draws' log-weight offsets (J,); unchanged and
+        None (equal weights) for every other family (:func:`tuner.vae.mixture.stratify`)."""
+        if self.mixture is None:
+            return eps, None
+        return stratify(eps, draws, k, self.components)
 
     def prior_sample(self, keys: Tensor, n: int) -> Tensor:
         """n draws per slot from the generative model's p(z) in the decoder's latent: (S, n, Zmax).
@@ -418,8 +447,13 @@ class VAE(nn.Module):
             loss = self._with_remedies(recon + kl_weight * (kl_term - capacity).abs(), recon, x, z, key)
             return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
         s, b = x.shape[:2]
-        # draws (S, k, B, *noise) flattened to rows ordered (k, b), the posteriors tiled to match
-        eps = noise.normal(noise.derive(key, _STREAM_EPS), (samples, b, *self.noise_shape)).flatten(1, 2)
+        # draws (S, k, B, *noise) flattened to rows ordered (k, b), the posteriors tiled to match;
+        # the IWAE bound stratifies a mixture posterior's draws over its components
+        eps = noise.normal(noise.derive(key, _STREAM_EPS), (samples, b, *self.noise_shape))
+        offset = None
+        if iwae:
+            eps, offset = self.stratify(eps, torch.arange(samples, device=eps.device), samples)
+        eps = eps.flatten(1, 2)
         tiled = {name: v.repeat(1, samples, *([1] * (v.dim() - 2))) for name, v in local.items()}
         # mc: the sampled log q(z|x) - log p(z) per draw, what an importance weight needs
         z, kl_per_dim = self.sample(tiled, eps, mc=iwae)  # (S, kB, Zk)
@@ -428,6 +462,8 @@ class VAE(nn.Module):
         recon, kl = -ll.mean(1), kl_per_dim.sum(-1).mean(1)
         if iwae:
             log_w = (ll - kl_weight.unsqueeze(1) * kl_per_dim.sum(-1)).view(s, samples, b)
+            if offset is not None:
+                log_w = log_w + offset[:, None]
             loss = -(torch.logsumexp(log_w, dim=1) - math.log(samples)).mean(1)
         else:
             loss = recon + kl_weight * (free_bits_kl(kl_per_dim, free_bits, self.kl_mask) - capacity).abs()
@@ -441,11 +477,16 @@ class VAE(nn.Module):
         Amortization makes one encoder guess these for every x; analyses that instead optimize
         them per example (the amortization gap) start from this dict, change its tensors and score
         them with :meth:`neg_elbo_local`. Global parameters (weights, a prior, a flow) stay in the model.
-        Keys: ``mu``, ``logvar`` (level 1's bottom-up estimate for the ladder); IAF adds its context
-        ``h``; the ladder adds ``mu2``, ``logvar2`` (q(z2|x)).
+        Keys: ``mu``, ``logvar`` (level 1's bottom-up estimate for the ladder; a mixture posterior's
+        are (S, B, M, Zmax), component 1 the model's own encoder); IAF adds its context ``h``; the
+        ladder adds ``mu2``, ``logvar2`` (q(z2|x)).
         """
-        h = self._features(x, dropout_key)
+        trunk = self._trunk(x)
+        h = self._features(x, dropout_key, trunk)
         mu, logvar = self._heads(h)
+        if self.mixture is not None:
+            mu2, logvar2 = self.mixture(trunk, self.latent_mask, lambda g, i: self._dropout(g, dropout_key, 2 * self.depth + i))
+            mu, logvar = torch.cat([mu[:, :, None], mu2], dim=2), torch.cat([logvar[:, :, None], logvar2], dim=2)
         local = {"mu": mu, "logvar": logvar}
         if self.flow is not None:
             local["h"] = h

@@ -52,6 +52,7 @@ class PopulationShape:
     hierarchy: str = "flat"
     objective: str = "elbo"
     samples: int = 1  # z draws per example in a training step (the IWAE bound's k)
+    mixture: int = 1  # encoders of a mixture posterior (tuner.vae.mixture)
 
     @classmethod
     def of(cls, config: TrainConfig) -> PopulationShape:
@@ -65,6 +66,7 @@ class PopulationShape:
             diffusion_steps=m.diffusion_steps if diffusion else 0,
             diffusion_hidden=m.diffusion_hidden if diffusion else 0,
             hierarchy=m.hierarchy, objective=t.objective, samples=t.k if t.objective == "iwae" else 1,
+            mixture=m.mixture,
         )
 
 
@@ -121,6 +123,6 @@ def _vae(shape: PopulationShape, image_shape: tuple[int, int, int], latent_max: 
         arch=shape.arch, likelihood=shape.likelihood, image_shape=image_shape, slots=slots,
         latent_max=latent_max, hidden_max=hidden_max, depth=shape.depth, channels=max(shape.channels, 1),
         posterior=shape.posterior, flow_steps=shape.flow_steps, prior=shape.prior,
-        prior_components=shape.prior_components, hierarchy=shape.hierarchy,
+        prior_components=shape.prior_components, hierarchy=shape.hierarchy, mixture=shape.mixture,
         diffusion_steps=shape.diffusion_steps, diffusion_hidden=shape.diffusion_hidden,
     )

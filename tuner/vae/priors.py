@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tuner.vae import noise
 
-__all__ = ["MixturePrior", "VampPrior", "mixture_log_prob_dims", "normal_log_prob_dims", "sample_prior"]
+__all__ = ["MixturePrior", "VampPrior", "chain_rule_dims", "mixture_log_prob_dims", "normal_log_prob_dims", "sample_prior"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -41,10 +41,19 @@ def mixture_log_prob_dims(z: Tensor, log_w: Tensor, mu: Tensor, logvar: Tensor, 
     z (S, B, Z); log_w (S, K) normalized log-weights; mu, logvar (S, K, Z); mask (S, Z) 0/1.
     Sums over d to log p(z) exactly (up to rounding). Memory: one (S, B, K, Z) temporary.
     """
-    lp = -0.5 * (_LOG_2PI + logvar[:, None] + (z[:, :, None] - mu[:, None]).square() * torch.exp(-logvar[:, None]))
+    return chain_rule_dims(z[:, :, None], log_w[:, None], mu[:, None], logvar[:, None], mask)
+
+
+def chain_rule_dims(z: Tensor, log_w: Tensor, mu: Tensor, logvar: Tensor, mask: Tensor) -> Tensor:
+    """The chain-rule pieces of a diagonal Gaussian mixture whose components may differ per example
+    (a mixture posterior, :mod:`tuner.vae.mixture`): (S, B, Z) nats.
+
+    z (S, B, 1, Z); log_w (S, B or 1, K); mu, logvar (S, B or 1, K, Z); mask (S, Z) 0/1.
+    """
+    lp = -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar))
     lp = lp * mask[:, None, None]  # (S, B, K, Z): masked dims add 0 to the cumulative sum
-    joint = torch.logsumexp(lp.cumsum(dim=-1) + log_w[:, None, :, None], dim=2)  # (S, B, Z): log p(z_<=d)
-    start = torch.logsumexp(log_w, dim=-1)[:, None, None].expand_as(joint[..., :1])  # log p(z_<1) = 0
+    joint = torch.logsumexp(lp.cumsum(dim=-1) + log_w[..., None], dim=2)  # (S, B, Z): log p(z_<=d)
+    start = torch.logsumexp(log_w, dim=-1)[..., None].expand_as(joint[..., :1])  # log p(z_<1) = 0
     return joint - torch.cat([start, joint[..., :-1]], dim=-1)
 
 
