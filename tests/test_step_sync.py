@@ -34,6 +34,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "vamp": {"prior": "vamp", "prior_components": 3},
     "ladder": {"hierarchy": "ladder", "latent2": 4},
     "mixture": {"mixture": 2},
+    "ortho": {"ortho_weight": 30.0},
 }
 
 
