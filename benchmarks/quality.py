@@ -40,6 +40,7 @@ FAMILIES: dict[str, dict[str, dict[str, Any]]] = {  # config fields over the con
     "ladder": {"model": {"hierarchy": "ladder", "latent2": 16}},
     "aux": {"kl": {"aux_weight": 1.0}},  # Semeniuta et al. 2017
     "mmd": {"kl": {"divergence": "mmd", "mmd_weight": 100.0}},  # InfoVAE / MMD-VAE, Zhao et al. 2017
+    "diffusion": {"model": {"prior": "diffusion", "diffusion_steps": 20}},  # Wehenkel & Louppe 2021
     "mixture": {"model": {"mixture": 2}},  # two encoders, one decoder: MISELBO, Kviman et al. 2023
     "ortho": {"model": {"ortho_weight": 30.0}},  # a locally orthogonal decoder: OroJaR, Wei et al. 2021
 }

@@ -16,6 +16,7 @@ from tuner.spec import TrainConfig, parse_config
 from tuner.train import train_config
 
 REMEDIES = ("kl.divergence", "kl.mmd_weight", "kl.aux_weight", "model.mixture", "model.ortho_weight")  # written only where they act
+DIFFUSION = ("model.diffusion_steps", "model.diffusion_hidden")  # written only for model.prior diffusion
 EVERY_FIELD = {f"{section}.{key}" for section, fields in TrainConfig().model_dump().items()
                if isinstance(fields, dict) for key in fields}
 
@@ -29,31 +30,36 @@ def dropped(config: TrainConfig) -> set[str]:
     ({}, {  # the defaults: mlp, gaussian posterior, normal prior, flat, adam, constant lr and KL, elbo, gaps on
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
-        "kl.ratio", "kl.capacity", "train.k", *REMEDIES}),
+        "kl.ratio", "kl.capacity", "train.k", *REMEDIES, *DIFFUSION}),
     ({"model": {"arch": "conv", "posterior": "iaf", "prior": "vamp"}, "optim": {"name": "sgd", "decay": "cosine"},
       "kl": {"schedule": "cyclical"}, "train": {"objective": "iwae", "gap_examples": 0}}, {
         "model.latent2", "optim.betas", "optim.eps", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs",
-        "kl.capacity", "kl.free_bits", "train.gap_steps", "train.gap_lr", *REMEDIES}),
+        "kl.capacity", "kl.free_bits", "train.gap_steps", "train.gap_lr", *REMEDIES, *DIFFUSION}),
     ({"model": {"hierarchy": "ladder"}, "optim": {"name": "adamw", "decay": "step"}, "kl": {"schedule": "capacity"}}, {
         "model.channels", "model.flow_steps", "model.prior_components", "optim.momentum", "optim.min_lr_ratio",
-        "kl.cycles", "kl.ratio", "train.k", *REMEDIES}),
+        "kl.cycles", "kl.ratio", "train.k", *REMEDIES, *DIFFUSION}),
     ({"model": {"prior": "mog"}, "kl": {"schedule": "capacity"}, "train": {"objective": "iwae"}}, {  # iwae: no target
         "model.channels", "model.flow_steps", "model.latent2", "optim.momentum", "optim.min_lr_ratio",
         "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles", "kl.ratio", "kl.capacity",
-        "kl.free_bits", *REMEDIES}),
+        "kl.free_bits", *REMEDIES, *DIFFUSION}),
     ({"kl": {"schedule": "sigmoid"}}, {
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.cycles", "kl.ratio", "kl.capacity",
-        "train.k", *REMEDIES}),
+        "train.k", *REMEDIES, *DIFFUSION}),
     # the MMD replaces the KL term: its shaping (free bits, capacity target and its warmup) is not read
     ({"kl": {"divergence": "mmd", "schedule": "capacity", "aux_weight": 2.0}}, {
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
-        "kl.ratio", "kl.capacity", "kl.free_bits", "train.k", "model.mixture", "model.ortho_weight"}),
+        "kl.ratio", "kl.capacity", "kl.free_bits", "train.k", "model.mixture", "model.ortho_weight", *DIFFUSION}),
     ({"model": {"mixture": 3}}, {  # a mixture posterior: its component count is written
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
-        "kl.ratio", "kl.capacity", "train.k", "kl.divergence", "kl.mmd_weight", "kl.aux_weight", "model.ortho_weight"}),
+        "kl.ratio", "kl.capacity", "train.k", "kl.divergence", "kl.mmd_weight", "kl.aux_weight", "model.ortho_weight", *DIFFUSION}),
+    # a diffusion prior: its steps and width, never the mixtures' component count
+    ({"model": {"prior": "diffusion"}}, {
+        "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
+        "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
+        "kl.ratio", "kl.capacity", "train.k", *REMEDIES}),
 ])
 def test_the_settings_left_out_per_family_and_schedule(over: dict, left_out: set[str]) -> None:
     config = parse_config(over)

@@ -33,6 +33,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mog": {"prior": "mog", "prior_components": 3},
     "vamp": {"prior": "vamp", "prior_components": 3},
     "ladder": {"hierarchy": "ladder", "latent2": 4},
+    "diffusion": {"prior": "diffusion", "diffusion_steps": 4, "diffusion_hidden": 8},
     "mixture": {"mixture": 2},
     "ortho": {"ortho_weight": 30.0},
 }

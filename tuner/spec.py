@@ -86,13 +86,16 @@ class ModelConfig(StrictModel):
     autoregressive flow steps, Kingma et al. 2016; KL by Monte Carlo).
     prior: ``normal`` (N(0, I)), ``mog`` (a learned mixture of ``prior_components`` Gaussians) or
     ``vamp`` (VampPrior over ``prior_components`` learned pseudo-inputs, Tomczak & Welling 2018);
-    the KL to a mixture is estimated by Monte Carlo.
+    the KL to a mixture is estimated by Monte Carlo. ``diffusion`` (Wehenkel & Louppe 2021): a
+    ``diffusion_steps``-step DDPM over z with a noise network of ``diffusion_hidden`` units; log p(z)
+    is replaced by a one-chain variational bound, so its -ELBO and IWAE NLL are upper bounds.
     hierarchy: ``flat`` (one latent layer of ``latent`` dims) or ``ladder`` (Sønderby et al. 2016:
     z1 of ``latent`` dims near the data, z2 of ``latent2`` dims on top; Gaussian posterior and
-    normal prior only). flow_steps, prior_components and latent2 are ignored where they do not apply.
+    normal prior only). flow_steps, prior_components (mog, vamp), diffusion_steps, diffusion_hidden
+    and latent2 are ignored where they do not apply.
     mixture: M encoders sharing one decoder, q(z|x) their equal-weight mixture, trained with the
     MISELBO (Kviman et al. 2023; tuner.vae.mixture); 1 is the plain encoder. Gaussian posterior,
-    flat hierarchy.
+    flat hierarchy, not the diffusion prior.
     ortho_weight: weight of a penalty on the off-diagonal of the decoder's J^T J (OroJaR, Wei et al.
     2021; tuner.vae.ortho), on the training loss only; 0 = none. Needs at least 2 latent dims.
     """
@@ -106,8 +109,10 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     posterior: Literal["gaussian", "iaf"] = "gaussian"
     flow_steps: int = Field(2, ge=1, le=16)
-    prior: Literal["normal", "mog", "vamp"] = "normal"
+    prior: Literal["normal", "mog", "vamp", "diffusion"] = "normal"
     prior_components: int = Field(10, ge=1, le=1024)
+    diffusion_steps: int = Field(20, ge=1, le=1000)
+    diffusion_hidden: int = Field(64, ge=1, le=4096)
     hierarchy: Literal["flat", "ladder"] = "flat"
     latent2: int = Field(16, ge=1, le=4096)
     mixture: int = Field(1, ge=1, le=16)
@@ -240,6 +245,13 @@ class TrainConfig(StrictModel):
                 f"'gaussian' and model.hierarchy 'flat', but got posterior {m.posterior!r}, hierarchy "
                 f"{m.hierarchy!r}; set model.mixture 1, or in a study space give model.mixture when: "
                 "{model.posterior: gaussian, model.hierarchy: flat}"
+            )
+        if m.mixture > 1 and m.prior == "diffusion":
+            raise ValueError(
+                f"model.mixture {m.mixture} needs a prior with a density, but model.prior 'diffusion' only "
+                "bounds log p(z) along a chain drawn beside one Gaussian posterior draw; set model.mixture 1 "
+                "or another model.prior, or in a study space give model.mixture when: "
+                "{model.prior: [normal, mog, vamp]}"
             )
         return self
 

@@ -45,7 +45,9 @@ _APPLIES_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     # model sizes of one family (tuner.vae.population.PopulationShape.of, tuner.vae.engine slot init)
     "model.channels": lambda c: c.model.arch == "conv",
     "model.flow_steps": lambda c: c.model.posterior == "iaf",
-    "model.prior_components": lambda c: c.model.prior != "normal",
+    "model.prior_components": lambda c: c.model.prior in ("mog", "vamp"),
+    "model.diffusion_steps": lambda c: c.model.prior == "diffusion",
+    "model.diffusion_hidden": lambda c: c.model.prior == "diffusion",
     "model.latent2": lambda c: c.model.hierarchy == "ladder",
     # the optimizer's own constants (tuner.vae.optim: _sgd reads momentum, _adam betas and eps)
     "optim.betas": lambda c: c.optim.name != "sgd",

@@ -5,6 +5,9 @@ attrs when it told a trial complete (see tuner.study.worker). Collapse is a verd
 tuner.vae.metrics); a collapsed model with a good NLL is still a model whose latent code is useless, so
 by default it never outranks a healthy one. The Pareto flag marks the complete trials that no other
 complete trial beats on all of (IWAE NLL, reconstruction, inactive latent fraction) at once.
+Trials whose log p(z) is only bounded (``prior_bound``: the diffusion prior, tuner.vae.metrics) are
+listed in the frame's ``attrs["bounded_prior_trials"]``: their NLL is a looser upper bound, and the
+terminal table and the report mark it (PRIOR_BOUND_MARK, prior_bound_note).
 The terminal's tables are tuner.results.ranking_table; the machine formats here keep every column.
 """
 
@@ -26,8 +29,9 @@ from tuner.results.confirm import Confirmed, confirmed, worse_than_next
 from tuner.study.open import open_study
 
 __all__ = [
-    "CONFIRM_COLUMNS", "FORMATS", "METRIC_COLUMNS", "PARETO_OBJECTIVES", "RANK_BY", "STATES", "pareto_front",
-    "rank_study", "ranking_frame", "ranking_records", "render_ranking", "save_ranking",
+    "CONFIRM_COLUMNS", "FORMATS", "METRIC_COLUMNS", "PARETO_OBJECTIVES", "PRIOR_BOUND_MARK", "RANK_BY", "STATES",
+    "pareto_front", "prior_bound_note", "rank_study", "ranking_frame", "ranking_records", "render_ranking",
+    "save_ranking",
 ]
 
 # user attrs shown per trial, in this order (nats per example on the validation split unless test_; the
@@ -58,6 +62,16 @@ STATES: dict[str, TrialState] = {
 }
 FORMATS = ("table", "csv", "json", "parquet", "markdown")
 _REASON_ATTRS = ("prune_reason", "error", "handed_back")  # why a trial did not complete, first found
+PRIOR_BOUND_MARK = "‡"  # after an NLL whose log p(z) is a bound (the diffusion prior)
+
+
+def prior_bound_note(trials: Sequence[int]) -> str:
+    """One line on what a marked NLL is, naming the ``trials`` whose log p(z) is only bounded."""
+    listed = ", ".join(str(int(t)) for t in trials)
+    return (f"{PRIOR_BOUND_MARK} trial{'s' if len(trials) != 1 else ''} {listed} (model.prior diffusion): log p(z) "
+            "is a one-chain variational bound on the diffusion prior's density (tuner.vae.diffusion), so the "
+            "IWAE NLL and -ELBO are upper bounds on the true NLL, looser than the other families' (a diffusion "
+            "prior's true NLL is lower than shown)")
 
 
 def _choice(option: str, value: str, choices: Sequence[str]) -> str:
@@ -136,7 +150,10 @@ def ranking_frame(
     out = _confirm_notes(out, summaries)
     columns = ["rank", "trial", "state", "value", *METRIC_COLUMNS[:9], "pareto", *METRIC_COLUMNS[9:],
                *CONFIRM_COLUMNS, "reason"]
-    return out[columns + [c for c in out.columns if c.startswith("params.")]]
+    out = out[columns + [c for c in out.columns if c.startswith("params.")]]
+    bounded = {t.number for t in trials if t.user_attrs.get("prior_bound")}  # the metrics' flag (a worker's attr)
+    out.attrs["bounded_prior_trials"] = sorted(int(t) for t in out["trial"] if int(t) in bounded)
+    return out
 
 
 def _with_confirmed(done: pd.DataFrame, summaries: dict[int, Confirmed]) -> pd.DataFrame:

@@ -11,6 +11,9 @@ a dotted name like ``optim.weight_decay`` reads in full there, and fourteen of t
 
 Machine formats (csv, json, parquet, markdown: :func:`tuner.results.ranking.render_ranking`) keep
 every column; this module is only what a person reads in a terminal.
+
+An NLL whose log p(z) is only bounded (the diffusion prior: ``attrs["bounded_prior_trials"]`` of the
+frame) is marked ``‡``, in its cell and its column's header, and the caption says what that means.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from rich.cells import cell_len
 from rich.table import Table
 
 from tuner.errors import TunerError
+from tuner.results.ranking import PRIOR_BOUND_MARK, prior_bound_note
 
 __all__ = ["DEFAULT_COLUMNS", "TABLE_COLUMNS", "choose_columns", "parameter_table", "ranking_tables"]
 
 _GAP = 2  # cells between two columns (a SIMPLE_HEAD box with collapsed padding and no edges)
+_NLL_COLUMNS = ("iwae_nll", "test_iwae_nll")  # the IWAE NLLs, which a bounded log p(z) loosens
 
 
 def _missing(value: object) -> bool:
@@ -222,6 +227,26 @@ def parameter_table(frame: pd.DataFrame, top: int, width: int) -> list[Table]:
     return _rich_tables([names, *trials], keys=1, width=width, title=title)
 
 
+def _bounded(frame: pd.DataFrame) -> list[int]:
+    """The shown trials whose log p(z) is a bound (ranking_frame's attrs; a slice keeps them)."""
+    listed = set(frame.attrs.get("bounded_prior_trials", ()))
+    return [int(t) for t in frame["trial"] if int(t) in listed]
+
+
+def _mark_bounded(frame: pd.DataFrame, chosen: Sequence[str], built: list[_Column]) -> bool:
+    """Mark the NLL cells of bounded trials (others padded a cell, so digits stay aligned) and
+    their columns' headers; True when a shown NLL column holds one."""
+    bounded = set(_bounded(frame))
+    marked = [c for name, c in zip(chosen, built) if name in _NLL_COLUMNS]
+    if not bounded or not marked:
+        return False
+    flags = [int(t) in bounded for t in frame["trial"]]
+    for column in marked:
+        column.header += PRIOR_BOUND_MARK
+        column.cells = [cell + (PRIOR_BOUND_MARK if flag else " ") for cell, flag in zip(column.cells, flags)]
+    return True
+
+
 def ranking_tables(frame: pd.DataFrame, title: str, width: int, columns: str | None = None,
                    params: int = 3) -> list[Table]:
     """A ranking as rich tables that fit ``width`` cells without cutting a number: the chosen
@@ -237,9 +262,12 @@ def ranking_tables(frame: pd.DataFrame, title: str, width: int, columns: str | N
         else:  # params.NAME
             built.append(_Column(name.removeprefix("params."), [_param(r[name]) for r in rows]))
     keys = next((i for i, name in enumerate(chosen) if name not in _KEYS), len(chosen))  # leading rank, trial
-    caption = None
+    lines = []
     if "confirmed" in chosen:  # what the cell holds, and where seeds overturn a rank (confirm_note)
         notes = [f"trial {int(t)} is {n}" for t, n in zip(frame["trial"], frame["confirm_note"]) if not _missing(n)]
-        caption = "; ".join(["confirmed: test IWAE NLL mean±sd over n seeds (tuner confirm)", *notes])
+        lines.append("; ".join(["confirmed: test IWAE NLL mean±sd over n seeds (tuner confirm)", *notes]))
+    if _mark_bounded(frame, chosen, built):
+        lines.append(prior_bound_note(_bounded(frame)))
+    caption = "\n".join(lines) or None
     tables = _rich_tables(built, keys=keys, width=width, title=title, caption=caption)
     return tables + parameter_table(frame, params, width)

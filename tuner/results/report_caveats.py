@@ -7,6 +7,9 @@
   information: a trial within ``MI_CEILING_MARGIN`` of log N measures only "at least this much".
 * ``approximation_gap`` (:mod:`tuner.vae.gaps`) is the optimized -ELBO minus the IWAE NLL on the first
   test examples: two estimates, each an upper bound with its own noise, so it can come out below 0.
+* ``iwae_nll`` of a trial whose log p(z) is only bounded (``prior_bound``: the diffusion prior,
+  :mod:`tuner.vae.diffusion`) is an upper bound on its NLL looser than the other families': a
+  one-chain variational bound stands in for log p(z) in every importance weight.
 
 A note is shown only when a shown number hits its case; the cells that do are marked.
 """
@@ -23,6 +26,7 @@ from optuna.trial import FrozenTrial
 from pydantic import ValidationError
 
 from tuner.errors import TunerError
+from tuner.results.ranking import PRIOR_BOUND_MARK, prior_bound_note
 from tuner.spec import DataConfig
 from tuner.study.open import stored_spec
 from tuner.vae.data import load_splits
@@ -71,7 +75,20 @@ def caveats(shown: pd.DataFrame, trials: dict[int, FrozenTrial], n_val: int | No
     out = Caveats()
     _mutual_info(shown, n_val, out)
     _approximation_gap(shown, trials, out)
+    _prior_bound(shown, trials, out)
     return out
+
+
+def _prior_bound(shown: pd.DataFrame, trials: dict[int, FrozenTrial], out: Caveats) -> None:
+    bounded = [int(t) for t in shown["trial"] if trials[int(t)].user_attrs.get("prior_bound")]
+    if not bounded:
+        return
+    tip = "an upper bound with a one-chain variational bound for log p(z): the true NLL is lower"
+    for trial in bounded:
+        for column in ("iwae_nll", "test_iwae_nll"):
+            if column in shown:
+                out.marks[(trial, column)] = Mark("", PRIOR_BOUND_MARK, tip)
+    out.notes.append(prior_bound_note(bounded) + ".")
 
 
 def _mutual_info(shown: pd.DataFrame, n_val: int | None, out: Caveats) -> None:

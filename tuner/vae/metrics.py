@@ -41,7 +41,11 @@ given noise), with the same noise keys per (example, sample). What is estimated 
 * Reconstruction (every family): averaged over the same K draws (a one-draw estimate's seed-to-seed
   spread was 0.15-0.3 nats on MNIST); the closed-form family's KL stays analytic.
 * IWAE NLL: log p(x|z) + log p(z) - log q(z|x) with the family's q and p (flow log-determinant
-  included; for the ladder z = (z1, z2)); still an upper bound on -log p(x).
+  included; for the ladder z = (z1, z2)); still an upper bound on -log p(x). A model with
+  ``prior_bound`` true (the diffusion prior, :mod:`tuner.vae.diffusion`) has no log p(z), only a
+  one-chain variational lower bound on it, used in its place: its KL is over-estimated and its IWAE
+  NLL stays an upper bound, a looser one (K draws tighten q's side, never the prior's bound).
+  :class:`Evaluation` carries the flag (``prior_bound`` in a slot's metrics) for the ranking.
 * Active units and MI need E[z|x] and a density q(z|x_j) at other examples' z: exact for a Gaussian
   q (mixture priors), else a diagonal Gaussian moment-matched to ``MOMENT_SAMPLES`` draws of q(z|x)
   per example (the same noise for every example). MI is then still InfoNCE with that Gaussian as
@@ -109,6 +113,8 @@ class Evaluation:
     inactive_fraction: Tensor  # (S,) 1 - active_units / latent size
     latent_mask: Tensor  # (S, Zk) the model's KL-dim mask, to trim kl_per_dim per slot
     decoder_ortho_cos: Tensor  # (S,) mean |cos| of the decoder's distinct Jacobian columns (tuner.vae.ortho)
+    # log p(z) itself only bounded (the diffusion prior): the KL is over-, -ELBO and IWAE NLL upper-estimated
+    prior_bound: bool = False
 
     def slot(self, s: int) -> dict[str, Any]:
         """Slot s as plain python values (JSON-serializable) for metrics.json."""
@@ -127,6 +133,8 @@ class Evaluation:
             "latent_size": int(dims.sum()),
             "kl_per_dim": [float(v) for v in self.kl_per_dim[s][dims]],
             "decoder_ortho_cos": float(self.decoder_ortho_cos[s]),
+            # only where it holds, so other families' metrics (and trial attrs) are what they were
+            **({"prior_bound": True} if self.prior_bound else {}),
         }
 
 
@@ -498,4 +506,5 @@ def evaluate(
         inactive_fraction=1.0 - au.float() / mask.sum(dim=-1).clamp(min=1.0),
         latent_mask=mask,
         decoder_ortho_cos=ortho.cpu(),
+        prior_bound=bool(getattr(model, "prior_bound", False)),
     )

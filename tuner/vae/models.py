@@ -13,6 +13,9 @@ Families (fixed per population: they change tensor shapes):
   encoder's last hidden layer);
 * prior ``normal`` (N(0, I); the default), ``mog`` (a learned mixture of ``prior_components``
   Gaussians) or ``vamp`` (the VampPrior over ``prior_components`` pseudo-inputs), :mod:`tuner.vae.priors`;
+  or ``diffusion`` (a ``diffusion_steps``-step DDPM over z, :mod:`tuner.vae.diffusion`, Wehenkel &
+  Louppe 2021), whose log p(z) is only bounded: its KL is log q(z|x) minus a one-chain variational
+  bound on log p(z), so its -ELBO and IWAE NLL are upper bounds on the true model's;
 * hierarchy ``flat`` (the default) or ``ladder`` (two levels, z1 of size ``latent`` near the data
   and z2 of size ``latent2`` on top, :mod:`tuner.vae.ladder`; Gaussian posterior and prior only).
 
@@ -50,6 +53,7 @@ from torch import Tensor, nn
 
 from tuner.errors import TunerError
 from tuner.vae import noise, ortho
+from tuner.vae.diffusion import DiffusionPrior
 from tuner.vae.flows import IAF
 from tuner.vae.ladder import Ladder
 from tuner.vae.layers import StackedConv2d, StackedConvTranspose2d, StackedLinear, fold_slots, unfold_slots
@@ -95,6 +99,8 @@ class VAE(nn.Module):
         prior_components: int = 0,
         hierarchy: str = "flat",
         mixture: int = 1,
+        diffusion_steps: int = 0,
+        diffusion_hidden: int = 0,
     ) -> None:
         super().__init__()
         self.posterior, self.prior_name, self.hierarchy = posterior, prior, hierarchy
@@ -156,13 +162,23 @@ class VAE(nn.Module):
         # families added after the auxiliary decoder come after it, for the same reason
         self.components = mixture  # of the posterior: encoders 2..M, :mod:`tuner.vae.mixture`
         self.mixture = MixtureEncoders(slots, mixture, enc_in, hidden_max, latent_max, depth) if mixture > 1 else None
-        # noise per example: (Zmax,), one row per ladder level, or a mixture's component selector
-        # then (Zmax,), so coordinates never depend on Zmax
+        self.diffusion = (
+            DiffusionPrior(slots, diffusion_steps, latent_max, diffusion_hidden) if prior == "diffusion" else None
+        )
+        # the diffusion bound is a one-chain bound on log p(z): -ELBO and IWAE NLL are upper bounds
+        self.prior_bound = self.diffusion is not None
+        # noise per example: (Zmax,), one row per ladder level, a mixture's component selector then
+        # (Zmax,), or the diffusion prior's posterior row then its T forward-chain rows; so
+        # coordinates never depend on Zmax
         self.noise_shape: tuple[int, ...] = (2, latent_max) if self.ladder is not None else (latent_max,)
         if self.mixture is not None:
             self.noise_shape = (1 + latent_max,)
+        elif self.diffusion is not None:
+            self.noise_shape = (1 + diffusion_steps, latent_max)
         # floats per example in the largest temporary of sample() (sizes metric chunks)
         self.sample_width = latent_max * max(prior_components, 1, mixture) + (hidden_max if self.flow is not None else 0)
+        if self.diffusion is not None:  # the chain (1 + T) x Zmax, its states twice, T hidden rows twice
+            self.sample_width += diffusion_steps * (3 * latent_max + 2 * diffusion_hidden) + latent_max
 
     @property
     def kl_mask(self) -> Tensor:
@@ -211,6 +227,8 @@ class VAE(nn.Module):
         self.aux_out.init_slot(slot, latent, self.data_dim, g)  # drawn after the others: their draws are unchanged
         if self.mixture is not None:
             self.mixture.init_slot(slot, enc_in, hidden, latent, g)
+        if self.diffusion is not None:  # after aux_out's and the mixture's draws: theirs stay unchanged
+            self.diffusion.init_slot(slot, latent, self.diffusion.hidden, g)
         self.aux_weight[slot] = aux_weight
         self.mmd_weight[slot] = mmd_weight
         self.ortho_weight[slot] = ortho_weight
@@ -337,6 +355,9 @@ class VAE(nn.Module):
             z = (mu_c + torch.exp(0.5 * logvar_c) * eps[..., 1:]) * mask
             log_q = posterior_log_prob_dims(z, mu, logvar, self.latent_mask)
             return z, (log_q - self.log_prior_dims(z)) * mask
+        chain = None
+        if self.diffusion is not None:  # row 0 draws z, rows 1..T drive the prior's forward chain
+            eps, chain = eps[..., 0, :], eps[..., 1:, :]
         z = mu + torch.exp(0.5 * logvar) * eps
         if self.closed_form and not mc:
             return z, gaussian_kl_per_dim(mu, logvar)  # (S, B, Zmax), 0 on padding
@@ -344,6 +365,8 @@ class VAE(nn.Module):
         if self.flow is not None:
             z, log_det = self.flow(z * mask, local["h"], mask)
             log_q = log_q - log_det
+        if chain is not None:  # log q(z|x) minus the DDPM's bound on log p(z), per dim
+            return z * mask, (log_q - self.diffusion.bound_dims(z * mask, chain, mask)) * mask
         return z * mask, (log_q - self.log_prior_dims(z * mask)) * mask
 
     def posterior_gaussian(self, local: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
@@ -365,8 +388,10 @@ class VAE(nn.Module):
         """n draws per slot from the generative model's p(z) in the decoder's latent: (S, n, Zmax).
 
         keys (S,). A flat normal prior draws exactly ``noise.normal(keys, (n, Zmax))``; the ladder
-        draws z2 ~ N(0, I) then z1 ~ p(z1|z2).
+        draws z2 ~ N(0, I) then z1 ~ p(z1|z2); the diffusion prior runs its reverse chain.
         """
+        if self.diffusion is not None:
+            return self.diffusion.sample(keys, n, self.latent_mask)
         if self.ladder is None:
             return sample_prior(self.prior, self._gaussian_encode, self.latent_mask, keys, n)
         eps = noise.normal(keys, (n, 2, self.latent_max))

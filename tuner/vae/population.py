@@ -32,7 +32,8 @@ class PopulationShape:
     each changes the set or the shapes of the weights. So is the training objective with its sample
     count (``samples``: 1 for the -ELBO, k for the IWAE bound): it sets the step's tensor shapes.
     A field a family does not use is stored as its neutral value (flow_steps 0 unless iaf,
-    prior_components 0 unless mog/vamp, samples 1 for the ELBO), so configs that differ only in an
+    prior_components 0 unless mog/vamp, diffusion_steps and diffusion_hidden 0 unless diffusion,
+    samples 1 for the ELBO), so configs that differ only in an
     ignored field share a population. The ladder's latent2 is masked like latent.
     """
 
@@ -46,6 +47,8 @@ class PopulationShape:
     flow_steps: int = 0
     prior: str = "normal"
     prior_components: int = 0
+    diffusion_steps: int = 0
+    diffusion_hidden: int = 0
     hierarchy: str = "flat"
     objective: str = "elbo"
     samples: int = 1  # z draws per example in a training step (the IWAE bound's k)
@@ -55,10 +58,13 @@ class PopulationShape:
     def of(cls, config: TrainConfig) -> PopulationShape:
         m, t = config.model, config.train
         channels = m.channels if m.arch == "conv" else 0
+        diffusion = m.prior == "diffusion"
         return cls(
             m.arch, m.depth, channels, m.likelihood, config.optim.batch_size, config.optim.name,
             posterior=m.posterior, flow_steps=m.flow_steps if m.posterior == "iaf" else 0,
-            prior=m.prior, prior_components=m.prior_components if m.prior != "normal" else 0,
+            prior=m.prior, prior_components=m.prior_components if m.prior in ("mog", "vamp") else 0,
+            diffusion_steps=m.diffusion_steps if diffusion else 0,
+            diffusion_hidden=m.diffusion_hidden if diffusion else 0,
             hierarchy=m.hierarchy, objective=t.objective, samples=t.k if t.objective == "iwae" else 1,
             mixture=m.mixture,
         )
@@ -118,4 +124,5 @@ def _vae(shape: PopulationShape, image_shape: tuple[int, int, int], latent_max: 
         latent_max=latent_max, hidden_max=hidden_max, depth=shape.depth, channels=max(shape.channels, 1),
         posterior=shape.posterior, flow_steps=shape.flow_steps, prior=shape.prior,
         prior_components=shape.prior_components, hierarchy=shape.hierarchy, mixture=shape.mixture,
+        diffusion_steps=shape.diffusion_steps, diffusion_hidden=shape.diffusion_hidden,
     )
