@@ -42,9 +42,10 @@ FAMILIES: dict[str, dict[str, dict[str, Any]]] = {  # config fields over the con
     "mmd": {"kl": {"divergence": "mmd", "mmd_weight": 100.0}},  # InfoVAE / MMD-VAE, Zhao et al. 2017
     "diffusion": {"model": {"prior": "diffusion", "diffusion_steps": 20}},  # Wehenkel & Louppe 2021
     "mixture": {"model": {"mixture": 2}},  # two encoders, one decoder: MISELBO, Kviman et al. 2023
+    "ortho": {"model": {"ortho_weight": 30.0}},  # a locally orthogonal decoder: OroJaR, Wei et al. 2021
 }
 FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "amortization_gap",
-                  "approximation_gap", "train_s")
+                  "approximation_gap", "decoder_ortho_cos", "train_s")
 
 
 def family_config(config: TrainConfig, family: str, objective: str = "elbo", k: int = 5) -> TrainConfig:

@@ -99,7 +99,8 @@ def test_real_study_ranks_healthy_by_nll_then_collapsed(real: Built) -> None:
     assert sorted(frame["trial"]) == [0, 1, 2]  # the pruned trial 3 is not ranked
     for _, row in frame.iterrows():  # every number is the one the worker stored
         t = trials[row["trial"]]
-        for name in ("iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed", "test_iwae_nll"):
+        for name in ("iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed", "test_iwae_nll",
+                     "decoder_ortho_cos"):
             assert row[name] == t.user_attrs[name], name
         assert row["value"] == t.values[0] and row["params.kl.beta"] == t.params["kl.beta"]
     assert bool(frame.set_index("trial").loc[0, "collapsed"])  # beta 30: no information in the code

@@ -140,7 +140,7 @@ def test_remedies_add_no_host_copy_or_read_to_the_step(tiny, splits_for, count_s
     """Per-slot weights are device tensors and the branches host flags: a CUDA step stays sync-free."""
     configs = [tiny(seed=1, kl={**MMD, "aux_weight": 1.0}), tiny(seed=2)]
     pop = cuda_path(Population.for_configs(configs, splits_for(configs[0])))
-    assert pop.model.step_flags == (False, True, True)
+    assert pop.model.step_flags == (False, True, True, False)
     with count_syncs as mode:
         out = pop.train_epoch()
     assert mode.seen == [] and bool(out["finite"].all())

@@ -35,6 +35,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "ladder": {"hierarchy": "ladder", "latent2": 4},
     "diffusion": {"prior": "diffusion", "diffusion_steps": 4, "diffusion_hidden": 8},
     "mixture": {"mixture": 2},
+    "ortho": {"ortho_weight": 30.0},
 }
 
 

@@ -257,3 +257,19 @@ def test_the_tuned_config_file_is_the_config_the_cpu_study_enqueues() -> None:
     spec = load_study_spec(Path(__file__).resolve().parents[1] / "studies" / "mnist.yaml")
     tuned = load_config(Path(__file__).resolve().parents[1] / "configs" / "mnist-mlp-tuned.yaml")
     assert spec.train_config(spec.enqueue[0], seed=tuned.seed) == tuned
+
+
+def test_the_variants_study_samples_only_valid_configs_of_every_family_and_remedy() -> None:
+    import optuna
+
+    from tuner.study import space
+
+    spec = load_study_spec(ROOT / "studies" / "variants.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: set[str] = set()
+    for i in range(300):
+        cfg = spec.train_config(space.sample(study.ask(), spec), seed=i)  # validated: every combination allowed
+        m, k = cfg.model, cfg.kl
+        seen |= {m.posterior, m.prior, *(["mixture"] if m.mixture > 1 else []), k.divergence,
+                 *(["aux"] if k.aux_weight > 0 else []), *(["ortho"] if m.ortho_weight > 0 else [])}
+    assert seen == {"gaussian", "iaf", "normal", "mog", "vamp", "diffusion", "mixture", "kl", "mmd", "aux", "ortho"}

@@ -94,7 +94,7 @@ def test_two_workers_complete_the_budget(store: str, tmp_path: Path, small_npz: 
     for t in complete:
         assert sorted(t.intermediate_values) == [1, 2, 3]  # val -ELBO reported every epoch
         for key in ("iwae_nll", "recon", "kl", "active_units", "mutual_info", "collapsed", "best_epoch",
-                    "wall_s", "device", "seed", "config_hash", "versions", "test_iwae_nll"):
+                    "wall_s", "device", "seed", "config_hash", "versions", "test_iwae_nll", "decoder_ortho_cos"):
             assert key in t.user_attrs, key
         assert t.values[0] == pytest.approx(t.user_attrs["iwae_nll"])
         assert checkpoint_file(tmp_path / "art", url, "two", t.number).is_file()  # 4 trials <= keep_top

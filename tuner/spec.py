@@ -96,6 +96,8 @@ class ModelConfig(StrictModel):
     mixture: M encoders sharing one decoder, q(z|x) their equal-weight mixture, trained with the
     MISELBO (Kviman et al. 2023; tuner.vae.mixture); 1 is the plain encoder. Gaussian posterior,
     flat hierarchy, not the diffusion prior.
+    ortho_weight: weight of a penalty on the off-diagonal of the decoder's J^T J (OroJaR, Wei et al.
+    2021; tuner.vae.ortho), on the training loss only; 0 = none. Needs at least 2 latent dims.
     """
 
     arch: Literal["mlp", "conv"] = "mlp"
@@ -114,6 +116,7 @@ class ModelConfig(StrictModel):
     hierarchy: Literal["flat", "ladder"] = "flat"
     latent2: int = Field(16, ge=1, le=4096)
     mixture: int = Field(1, ge=1, le=16)
+    ortho_weight: float = Field(0.0, ge=0.0, le=1e4)
 
 
 class OptimConfig(StrictModel):
@@ -249,6 +252,16 @@ class TrainConfig(StrictModel):
                 "bounds log p(z) along a chain drawn beside one Gaussian posterior draw; set model.mixture 1 "
                 "or another model.prior, or in a study space give model.mixture when: "
                 "{model.prior: [normal, mog, vamp]}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ortho_has_pairs(self) -> TrainConfig:
+        if self.model.ortho_weight > 0 and self.model.latent < 2:
+            raise ValueError(
+                f"model.ortho_weight {self.model.ortho_weight:g} makes the decoder's Jacobian columns orthogonal, "
+                f"which needs at least 2 latent dims, but model.latent is {self.model.latent}; "
+                "set model.ortho_weight 0 or model.latent >= 2"
             )
         return self
 

@@ -70,6 +70,7 @@ _APPLIES_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     "kl.mmd_weight": lambda c: c.kl.divergence == "mmd",
     "kl.aux_weight": lambda c: c.kl.aux_weight > 0,
     "model.mixture": lambda c: c.model.mixture > 1,  # 1, the plain encoder, is what absence loads
+    "model.ortho_weight": lambda c: c.model.ortho_weight > 0,
     # draws per example of the iwae loss (PopulationShape.of); the gaps' optimizer (tuner.vae.gaps)
     "train.k": lambda c: c.train.objective == "iwae",
     "train.gap_steps": lambda c: c.train.gap_examples > 0,

@@ -35,10 +35,12 @@ __all__ = [
 ]
 
 # user attrs shown per trial, in this order (nats per example on the validation split unless test_; the
-# amortization and approximation gaps (tuner.vae.gaps) are on the first train.gap_examples test examples)
+# amortization and approximation gaps (tuner.vae.gaps) are on the first train.gap_examples test examples;
+# decoder_ortho_cos: the mean |cos| of the decoder's Jacobian columns, tuner.vae.ortho)
 METRIC_COLUMNS = (
     "iwae_nll", "recon", "kl", "neg_elbo", "active_units", "latent_size", "inactive_fraction", "mutual_info",
-    "collapsed", "epochs", "best_epoch", "test_iwae_nll", "amortization_gap", "approximation_gap", "wall_s", "seed",
+    "collapsed", "epochs", "best_epoch", "test_iwae_nll", "amortization_gap", "approximation_gap",
+    "decoder_ortho_cos", "wall_s", "seed",
 )
 # --by NAME -> (column, ascending): NLL, reconstruction and -ELBO are nats (less is better); more
 # active units is better

@@ -120,6 +120,7 @@ TABLE_COLUMNS: dict[str, TableColumn] = {
     "test_iwae_nll": TableColumn("test NLL", _of("test_iwae_nll")),
     "amortization_gap": TableColumn("amort gap", _of("amortization_gap")),
     "approximation_gap": TableColumn("approx gap", _of("approximation_gap")),
+    "decoder_ortho_cos": TableColumn("ortho cos", _of("decoder_ortho_cos")),
     "wall_s": TableColumn("wall s", lambda r: _fixed(r["wall_s"], 0)),
     "seed": TableColumn("seed", _of("seed", _whole)),
     "confirmed": TableColumn("confirmed", _confirmed),

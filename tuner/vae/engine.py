@@ -178,6 +178,7 @@ class Population:
         self.model.init_slot(
             slot, seed=config.seed, latent=m.latent, hidden=m.hidden, dropout=m.dropout, latent2=m.latent2,
             aux_weight=k.aux_weight, mmd_weight=k.mmd_weight if k.divergence == "mmd" else 0.0,
+            ortho_weight=m.ortho_weight,
         )
         self.optimizer.reset_slot(slot)
         o = config.optim

@@ -65,6 +65,7 @@ from torch import Tensor
 
 from tuner.errors import TunerError
 from tuner.vae import noise
+from tuner.vae.ortho import METRIC_EXAMPLES, ortho_cos
 
 __all__ = [
     "ACTIVE_UNIT_THRESHOLD",
@@ -111,6 +112,7 @@ class Evaluation:
     collapsed: Tensor  # (S,) bool, see collapse_verdict
     inactive_fraction: Tensor  # (S,) 1 - active_units / latent size
     latent_mask: Tensor  # (S, Zk) the model's KL-dim mask, to trim kl_per_dim per slot
+    decoder_ortho_cos: Tensor  # (S,) mean |cos| of the decoder's distinct Jacobian columns (tuner.vae.ortho)
     # log p(z) itself only bounded (the diffusion prior): the KL is over-, -ELBO and IWAE NLL upper-estimated
     prior_bound: bool = False
 
@@ -130,6 +132,7 @@ class Evaluation:
             "inactive_fraction": float(self.inactive_fraction[s]),
             "latent_size": int(dims.sum()),
             "kl_per_dim": [float(v) for v in self.kl_per_dim[s][dims]],
+            "decoder_ortho_cos": float(self.decoder_ortho_cos[s]),
             # only where it holds, so other families' metrics (and trial attrs) are what they were
             **({"prior_bound": True} if self.prior_bound else {}),
         }
@@ -473,6 +476,7 @@ def evaluate(
             iwae, recon = _iwae(model, x, mu, logvar, k, iwae_key, batch_size, max_elements)
             mi = _mutual_info(mu, logvar, mask, noise.derive(key, _MI_STREAM), max_elements)
             au = active_units(mu, mask)
+            means = mu
         else:
             local = _locals(model, x, batch_size)  # name -> (S, N, ...), reused below
             iwae_key = noise.derive(key, _IWAE_STREAM)
@@ -480,6 +484,9 @@ def evaluate(
             mean, lv = _sampled_moments(model, local, noise.derive(key, _MOMENT_STREAM), batch_size)
             mi = _sampled_mutual_info(model, local, mean, lv, noise.derive(key, _MI_STREAM), max_elements)
             au = active_units(mean, mask)
+            means = mean
+        # how orthogonal the decoder's Jacobian columns are at the first examples' posterior means
+        ortho = ortho_cos(model.decode, means[:, :METRIC_EXAMPLES, : model.latent_max], model.latent_mask, max_elements)
     # note: the .cpu() calls below are the only host syncs of the evaluation
     kl_per_dim, mask = kl_per_dim.cpu(), mask.cpu()
     kl, recon, au = kl_per_dim.sum(dim=-1), recon.cpu(), au.cpu()
@@ -498,5 +505,6 @@ def evaluate(
         collapsed=collapse_verdict(kl, mi, informative),
         inactive_fraction=1.0 - au.float() / mask.sum(dim=-1).clamp(min=1.0),
         latent_mask=mask,
+        decoder_ortho_cos=ortho.cpu(),
         prior_bound=bool(getattr(model, "prior_bound", False)),
     )

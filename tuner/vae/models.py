@@ -30,6 +30,9 @@ reported ``neg_elbo``, ``recon`` or ``kl`` (the true model's):
 * ``mmd_weight`` lambda (InfoVAE / MMD-VAE, Zhao et al. 2017, :mod:`tuner.vae.mmd`): where > 0 the
   KL term (with its schedule, free bits and capacity) is *replaced* by lambda * MMD(z of the batch,
   as many prior draws): the loss is recon + lambda * MMD, InfoVAE with alpha = 1.
+* ``ortho_weight`` (OroJaR, Wei et al. 2021, :mod:`tuner.vae.ortho`): adds the weight times a
+  scale-free estimate of the off-diagonal mass of the decoder's J^T J, so its Jacobian columns (what
+  moving one latent dim does to the image) become orthogonal.
 
 The default family (gaussian, normal, flat) is *closed form*: its KL is analytic, and it computes
 exactly what it always did. Every other family estimates log q(z|x) - log p(z) per dim from the
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuner.errors import TunerError
-from tuner.vae import noise
+from tuner.vae import noise, ortho
 from tuner.vae.diffusion import DiffusionPrior
 from tuner.vae.flows import IAF
 from tuner.vae.ladder import Ladder
@@ -63,7 +66,7 @@ from tuner.vae.schedules import free_bits_kl
 __all__ = ["VAE", "VAEOutput"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_STREAM_EPS, _STREAM_DROPOUT, _STREAM_MMD_PRIOR = 1, 2, 3
+_STREAM_EPS, _STREAM_DROPOUT, _STREAM_MMD_PRIOR, _STREAM_ORTHO = 1, 2, 3, 4
 
 
 @dataclass
@@ -143,7 +146,8 @@ class VAE(nn.Module):
         self.register_buffer("dropout_rate", torch.zeros(slots))
         self.register_buffer("aux_weight", torch.zeros(slots))  # alpha per slot, 0 = no auxiliary decoder
         self.register_buffer("mmd_weight", torch.zeros(slots))  # lambda per slot, 0 = the KL divergence
-        self._any_dropout = self._any_aux = self._any_mmd = False
+        self.register_buffer("ortho_weight", torch.zeros(slots))  # per slot, 0 = no orthogonality penalty
+        self._any_dropout = self._any_aux = self._any_mmd = self._any_ortho = False
         # family modules come after the base ones, so the default family's parameters (names,
         # order, the flat vector's layout, the init draws) are exactly what they always were
         self.flow = IAF(slots, flow_steps, latent_max, hidden_max, hidden_max) if posterior == "iaf" else None
@@ -187,7 +191,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def init_slot(
         self, slot: int, *, seed: int, latent: int, hidden: int, dropout: float, latent2: int = 0,
-        aux_weight: float = 0.0, mmd_weight: float = 0.0,
+        aux_weight: float = 0.0, mmd_weight: float = 0.0, ortho_weight: float = 0.0,
     ) -> None:
         """Fresh weights for one slot, drawn from its own seed at its true sizes (latent2: the
         ladder's top level; ignored by flat models), and its remedy weights (module docstring)."""
@@ -227,19 +231,22 @@ class VAE(nn.Module):
             self.diffusion.init_slot(slot, latent, self.diffusion.hidden, g)
         self.aux_weight[slot] = aux_weight
         self.mmd_weight[slot] = mmd_weight
+        self.ortho_weight[slot] = ortho_weight
         self.refresh_flags()
 
     def refresh_flags(self) -> None:
         """The host-side flags the forward pass branches on (any slot with dropout, an auxiliary
-        decoder, the MMD), from the per-slot values (after a slot is initialised, or slots are copied in)."""
+        decoder, the MMD, the orthogonality penalty), from the per-slot values (after a slot is
+        initialised, or slots are copied in)."""
         self._any_dropout = bool((self.dropout_rate > 0).any())
         self._any_aux = bool((self.aux_weight > 0).any())
         self._any_mmd = bool((self.mmd_weight > 0).any())
+        self._any_ortho = bool((self.ortho_weight > 0).any())
 
     @property
-    def step_flags(self) -> tuple[bool, bool, bool]:
+    def step_flags(self) -> tuple[bool, bool, bool, bool]:
         """The host-side flags that change a training step's kernels (a captured graph's key)."""
-        return self._any_dropout, self._any_aux, self._any_mmd
+        return self._any_dropout, self._any_aux, self._any_mmd, self._any_ortho
 
     # ------------------------------------------------------------------------------ networks
     def _dropout(self, h: Tensor, key: Tensor | None, layer: int) -> Tensor:
@@ -416,14 +423,21 @@ class VAE(nn.Module):
         prior = noise.normal(noise.derive(key, _STREAM_MMD_PRIOR), (z.shape[1], self.latent_max)) * mask
         return mmd(z[..., : self.latent_max] * mask, prior, self.latent_mask.sum(-1))
 
-    def _with_remedies(self, loss: Tensor, recon: Tensor, x: Tensor, z: Tensor, key: Tensor) -> Tensor:
+    def _with_remedies(self, loss: Tensor, recon: Tensor, x: Tensor, z: Tensor, key: Tensor, params: Tensor) -> Tensor:
         """The training loss (S,) with each slot's remedies: where lambda > 0, recon + lambda * MMD
-        replaces it; then + alpha * the auxiliary reconstruction. Slots without them keep ``loss``
-        exactly (torch.where picks it; alpha 0 adds an exact 0)."""
+        replaces it; then + alpha * the auxiliary reconstruction, + the orthogonality penalty's weight
+        times the penalty (params: decode(z, key), the step's decoder output). Slots without them keep
+        ``loss`` exactly (torch.where picks it; a weight 0 adds an exact 0)."""
         if self._any_mmd:
             loss = torch.where(self.mmd_weight > 0, recon + self.mmd_weight * self.mmd_to_prior(z, key), loss)
         if self._any_aux:
             loss = loss + self.aux_weight * self.aux_recon(x, z)
+        if self._any_ortho:
+            zd = z[..., : self.latent_max]
+            decode = lambda shifted: self.decode(shifted, key)  # noqa: E731  (the same dropout masks as params')
+            loss = loss + self.ortho_weight * ortho.penalty(
+                decode, zd, params, self.latent_mask, noise.derive(key, _STREAM_ORTHO)
+            )
         return loss
 
     # ------------------------------------------------------------------------------ training
@@ -443,10 +457,11 @@ class VAE(nn.Module):
         if samples == 1 and not iwae:  # the -ELBO from one draw: the default training step
             eps = noise.normal(noise.derive(key, _STREAM_EPS), (x.shape[1], *self.noise_shape))  # (S, B, *noise)
             z, kl_per_dim = self.sample(local, eps)  # (S, B, Zk) each, 0 on padding
-            recon = -self.log_likelihood(x, self.decode(z[..., : self.latent_max], key)).mean(1)  # (S,)
+            params = self.decode(z[..., : self.latent_max], key)
+            recon = -self.log_likelihood(x, params).mean(1)  # (S,)
             kl = kl_per_dim.sum(-1).mean(1)
             kl_term = free_bits_kl(kl_per_dim, free_bits, self.kl_mask)
-            loss = self._with_remedies(recon + kl_weight * (kl_term - capacity).abs(), recon, x, z, key)
+            loss = self._with_remedies(recon + kl_weight * (kl_term - capacity).abs(), recon, x, z, key, params)
             return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
         s, b = x.shape[:2]
         # draws (S, k, B, *noise) flattened to rows ordered (k, b), the posteriors tiled to match;
@@ -460,7 +475,8 @@ class VAE(nn.Module):
         # mc: the sampled log q(z|x) - log p(z) per draw, what an importance weight needs
         z, kl_per_dim = self.sample(tiled, eps, mc=iwae)  # (S, kB, Zk)
         x = x.repeat(1, samples, 1)  # (S, kB, D), rows ordered as the draws
-        ll = self.log_likelihood(x, self.decode(z[..., : self.latent_max], key))  # (S, kB)
+        params = self.decode(z[..., : self.latent_max], key)
+        ll = self.log_likelihood(x, params)  # (S, kB)
         recon, kl = -ll.mean(1), kl_per_dim.sum(-1).mean(1)
         if iwae:
             log_w = (ll - kl_weight.unsqueeze(1) * kl_per_dim.sum(-1)).view(s, samples, b)
@@ -469,7 +485,7 @@ class VAE(nn.Module):
             loss = -(torch.logsumexp(log_w, dim=1) - math.log(samples)).mean(1)
         else:
             loss = recon + kl_weight * (free_bits_kl(kl_per_dim, free_bits, self.kl_mask) - capacity).abs()
-        loss = self._with_remedies(loss, recon, x, z, key)
+        loss = self._with_remedies(loss, recon, x, z, key, params)
         return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
 
     # -------------------------------------------------------------------- local posteriors
