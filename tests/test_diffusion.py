@@ -134,6 +134,8 @@ def test_diffusion_slot_trains_in_a_population_like_alone(small_npz: Path) -> No
     assert a["iwae_nll"] == pytest.approx(b["iwae_nll"], rel=1e-4)
     assert a["kl"] == pytest.approx(sum(a["kl_per_dim"]), abs=1e-3) and len(a["kl_per_dim"]) == 4
     assert a["iwae_nll"] < a["neg_elbo"]
+    with pytest.raises(ValueError, match="no log p"):  # never silently N(0, I)
+        pop.model.log_prior_dims(torch.zeros(2, 1, 6))
 
 
 def test_diffusion_checkpoint_resumes_exactly(small_npz: Path, tmp_path: Path) -> None:

@@ -332,6 +332,8 @@ class VAE(nn.Module):
 
     def log_prior_dims(self, z: Tensor) -> Tensor:
         """log p(z) of a flat model split per dim (chain rule for mixtures, :mod:`tuner.vae.priors`): (S, B, Zmax)."""
+        if self.diffusion is not None:  # never N(0, I) by mistake: the DDPM's bound needs its chain's noise
+            raise ValueError("the diffusion prior has no log p(z), only a bound along a chain: use VAE.sample")
         if self.prior is None:
             return normal_log_prob_dims(z)
         log_w, mu, logvar = self.prior.components(self._gaussian_encode, self.latent_mask)
