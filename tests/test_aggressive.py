@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -26,7 +27,7 @@ from tuner.vae.engine import Population
 from tuner.vae.optim import StackedOptimizer
 from tuner.vae.population import PopulationShape
 
-SMALL = {"latent": 4, "hidden": 32}
+SMALL = {"latent": 4, "hidden": 32}  # with batches of 256: two steps an epoch
 
 
 @pytest.fixture
@@ -35,8 +36,8 @@ def short_inner(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aggressive, "MAX_INNER", 6)
 
 
-def small(tiny, seed: int, aggressive_epochs: int, epochs: int = 2, **model):
-    return tiny(seed=seed, data={"binarize": "static"}, model={**SMALL, **model}, optim={"batch_size": 128},
+def small(tiny, seed: int, aggressive_epochs: int, epochs: int = 2, batch_size: int = 256, **model):
+    return tiny(seed=seed, data={"binarize": "static"}, model={**SMALL, **model}, optim={"batch_size": batch_size},
                 train={"epochs": epochs, "aggressive_epochs": aggressive_epochs})
 
 
@@ -122,7 +123,7 @@ def test_inner_steps_move_only_the_encoder_and_the_decoder_step_only_the_decoder
 
 
 def test_slots_with_and_without_it_share_a_population_and_train_as_alone(tiny, splits_for, short_inner) -> None:
-    configs = [small(tiny, 1, 1), small(tiny, 2, 0), small(tiny, 3, 2, latent=8)]  # wider maxima together
+    configs = [small(tiny, 1, 1), small(tiny, 2, 0, latent=8)]  # wider maxima together
     assert len({PopulationShape.of(c) for c in configs}) == 1  # per slot: no split
     splits = splits_for(configs[0])
     together = Population.for_configs(configs, splits)
@@ -132,9 +133,8 @@ def test_slots_with_and_without_it_share_a_population_and_train_as_alone(tiny, s
         run(alone)
         for key in ("val_neg_elbo", "train_loss", "inner_steps"):
             assert history(together, slot, key) == history(alone, 0, key), (slot, key)  # bit for bit on the CPU
-    inner = [history(together, s, "inner_steps") for s in range(3)]
-    assert inner[0][0] >= 4 and inner[0][1] == 0.0  # in its one aggressive epoch, then joint training
-    assert inner[1] == [0.0, 0.0] and min(inner[2]) >= 4  # plain; aggressive both epochs
+    inner = [history(together, s, "inner_steps") for s in range(2)]
+    assert inner[0][0] >= 4 and inner[0][1] == 0.0 and inner[1] == [0.0, 0.0]  # its aggressive epoch, then joint
 
 
 def test_resume_mid_phase_equals_uninterrupted(tiny, splits_for, short_inner, tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_resume_mid_phase_equals_uninterrupted(tiny, splits_for, short_inner, tm
     torch.save(first.slot_checkpoint(0), tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert float(ckpt["optimizer"]["encoder_steps"]) > float(ckpt["optimizer"]["steps"]) > 0  # both clocks saved
-    resumed = Population.for_configs([small(tiny, 9, 0, hidden=40), cfg], splits)  # wider maxima, a plain neighbour
+    resumed = Population(first.shape, splits, slots=2, latent_max=4, hidden_max=40)  # wider maxima
     resumed.load_slot_checkpoint(1, ckpt)
     run(resumed)
     for key in ("val_neg_elbo", "inner_steps"):
@@ -155,10 +155,12 @@ def test_resume_mid_phase_equals_uninterrupted(tiny, splits_for, short_inner, tm
     assert min(history(straight, 0, "inner_steps")) > 0
 
 
-def test_tuner_train_runs_it_and_load_run_reloads(tiny, tmp_path: Path) -> None:
-    raw = tiny(seed=4, data={"binarize": "static"}, model=SMALL, optim={"batch_size": 350},
-               train={"aggressive_epochs": 1, "gap_examples": 0}).model_dump(mode="json")
-    m = train_one_epoch(raw, tmp_path)  # the real inner loop: 2 steps, each 20 to 100 encoder steps
+def test_tuner_train_runs_it_and_load_run_reloads(tiny, small_npz: Path, tmp_path: Path) -> None:
+    # the real inner loop costs 20 to 100 epochs' worth of steps: 150 digits (105 train), one step an epoch
+    np.savez(tmp_path / "d150.npz", x=np.load(small_npz)["x"][:150])
+    raw = tiny(seed=4, data={"dataset": f"npz:{tmp_path / 'd150.npz'}", "binarize": "static"}, model=SMALL,
+               optim={"batch_size": 100}, train={"aggressive_epochs": 1, "gap_examples": 0}).model_dump(mode="json")
+    m = train_one_epoch(raw, tmp_path)
     assert m["neg_elbo"] == pytest.approx(m["recon"] + m["kl"], rel=1e-5)
     inner = pd.read_csv(tmp_path / "run" / "history.csv")["inner_steps"]
     assert 2 * aggressive.CHECK_EVERY <= inner[0] <= aggressive.MAX_INNER

@@ -15,7 +15,10 @@ window before and stops when it is not lower (so at least 2 * CHECK_EVERY steps)
 on its own: the loop runs while any slot goes on, a stopped slot's loss is masked out (exactly zero
 gradient) and it takes no update (parameters, moments and clocks keep every bit). The loop's
 stop test reads one flag back to the host every CHECK_EVERY steps: free on a CPU, a sync on CUDA,
-so a population with a slot in its phase trains eagerly (no CUDA graph) in those epochs.
+so a population with a slot in its phase trains eagerly (no CUDA graph) in those epochs. Gradient
+clipping (``optim.grad_clip``) takes each slot's norm over all its weights, the idle part's too, as
+He et al.'s code clips the whole model's before stepping one optimizer. The cost: while any slot is
+in its phase, each inner step runs every slot's forward and backward pass (masked slots included).
 
 Which weights are the encoder's (phi) and which the decoder's (theta), by parameter name:
 ENCODER_PREFIXES, everything that computes q(z|x): the encoder's convolutions, hidden layers and
