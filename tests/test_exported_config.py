@@ -15,7 +15,8 @@ from tuner.results.exported_config import exported_yaml, rounded, settings_that_
 from tuner.spec import TrainConfig, parse_config
 from tuner.train import train_config
 
-REMEDIES = ("kl.divergence", "kl.mmd_weight", "kl.aux_weight", "model.mixture", "model.ortho_weight")  # written only where they act
+REMEDIES = ("kl.divergence", "kl.mmd_weight", "kl.aux_weight", "model.mixture", "model.ortho_weight",
+            "train.aggressive_epochs")  # written only where they act
 DIFFUSION = ("model.diffusion_steps", "model.diffusion_hidden")  # written only for model.prior diffusion
 EVERY_FIELD = {f"{section}.{key}" for section, fields in TrainConfig().model_dump().items()
                if isinstance(fields, dict) for key in fields}
@@ -50,11 +51,13 @@ def dropped(config: TrainConfig) -> set[str]:
     ({"kl": {"divergence": "mmd", "schedule": "capacity", "aux_weight": 2.0}}, {
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
-        "kl.ratio", "kl.capacity", "kl.free_bits", "train.k", "model.mixture", "model.ortho_weight", *DIFFUSION}),
+        "kl.ratio", "kl.capacity", "kl.free_bits", "train.k", "model.mixture", "model.ortho_weight",
+        "train.aggressive_epochs", *DIFFUSION}),
     ({"model": {"mixture": 3}}, {  # a mixture posterior: its component count is written
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",
         "optim.min_lr_ratio", "optim.step_epochs", "optim.step_gamma", "kl.warmup_epochs", "kl.cycles",
-        "kl.ratio", "kl.capacity", "train.k", "kl.divergence", "kl.mmd_weight", "kl.aux_weight", "model.ortho_weight", *DIFFUSION}),
+        "kl.ratio", "kl.capacity", "train.k", "kl.divergence", "kl.mmd_weight", "kl.aux_weight", "model.ortho_weight",
+        "train.aggressive_epochs", *DIFFUSION}),
     # a diffusion prior: its steps and width, never the mixtures' component count
     ({"model": {"prior": "diffusion"}}, {
         "model.channels", "model.flow_steps", "model.prior_components", "model.latent2", "optim.momentum",

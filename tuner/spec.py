@@ -193,6 +193,10 @@ class TrainLoopConfig(StrictModel):
     gap_examples, gap_steps, gap_lr: the amortization and approximation gaps (tuner.vae.gaps, Cremer
     et al. 2018) on the first gap_examples test examples, each example's posterior optimized by
     gap_steps Adam steps at gap_lr; gap_examples 0 skips them.
+    aggressive_epochs: aggressive encoder training (He et al. 2019, :mod:`tuner.vae.aggressive`) in the
+    slot's first this-many epochs: before each decoder update, encoder-only updates on fresh batches
+    until the encoder's loss stops improving (at most 100), then a decoder-only update; 0 = off.
+    Per slot: slots with and without it share a population.
     """
 
     epochs: int = Field(50, ge=1, le=100000)
@@ -204,6 +208,7 @@ class TrainLoopConfig(StrictModel):
     gap_examples: int = Field(128, ge=0, le=100000)
     gap_steps: int = Field(100, ge=1, le=100000)
     gap_lr: float = Field(3e-2, gt=0.0, le=1.0)
+    aggressive_epochs: int = Field(0, ge=0, le=100000)
 
 
 class TrainConfig(StrictModel):

@@ -75,6 +75,8 @@ _APPLIES_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     "train.k": lambda c: c.train.objective == "iwae",
     "train.gap_steps": lambda c: c.train.gap_examples > 0,
     "train.gap_lr": lambda c: c.train.gap_examples > 0,
+    # aggressive encoder training (tuner.vae.aggressive): 0, its absence, is off
+    "train.aggressive_epochs": lambda c: c.train.aggressive_epochs > 0,
 }
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from tuner.errors import TunerError
-from tuner.vae import noise, schedules, slot_state
+from tuner.vae import aggressive, noise, schedules, slot_state
 from tuner.vae.data import Splits
 from tuner.vae.epoch_graph import EpochGraph, tf32
 from tuner.vae.models import VAE
@@ -56,7 +56,7 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 _HYPERPARAMETERS = (
     "lr", "lr_warmup", "lr_decay", "min_lr_ratio", "step_epochs", "step_gamma", "grad_clip",
-    "kl_kind", "beta", "kl_warmup", "cycles", "ratio", "capacity", "free_bits", "epochs",
+    "kl_kind", "beta", "kl_warmup", "cycles", "ratio", "capacity", "free_bits", "epochs", "aggressive_epochs",
 )
 
 
@@ -68,7 +68,7 @@ def _hyperparameters(config: TrainConfig) -> dict[str, float]:
         o.lr, o.warmup_epochs, schedules.LR_DECAYS.index(o.decay), o.min_lr_ratio, o.step_epochs, o.step_gamma,
         o.grad_clip if o.grad_clip > 0 else math.inf,
         schedules.KL_SCHEDULES.index(k.schedule), k.beta, k.warmup_epochs, k.cycles, k.ratio, k.capacity,
-        k.free_bits, config.train.epochs,
+        k.free_bits, config.train.epochs, config.train.aggressive_epochs,
     )
     return dict(zip(_HYPERPARAMETERS, values, strict=True))
 
@@ -135,6 +135,7 @@ class Population:
         self.best_flat = self.flat.detach().clone()  # best-validation weights per slot
         self.best = [self.best_flat[:, a:b].view(p.shape) for p, (a, b) in zip(self.params, self.offsets)]
         self.optimizer = StackedOptimizer([self.flat], shape.optimizer, slots, update=update)
+        self.optimizer.set_encoder_columns(aggressive.encoder_columns(self.names, self.offsets))  # two clocks
         self._clipping = False  # host-side: does any slot clip gradients
         self.state = [SlotState() for _ in range(slots)]
         dev = self.device
@@ -236,10 +237,11 @@ class Population:
         # host-side choices the steps' kernels depend on (tensor contents may change freely)
         key = (
             self.steps_per_epoch, self._clipping, self.optimizer._decay, self.optimizer.update,
-            self.model.step_flags, self.precision,
+            self.model.step_flags, self.precision, aggressive.in_use(self),
         )
         self.steps_done = 0
-        out = self.graph.run(key, self._launch_steps)
+        # aggressive encoder training's inner loop reads a flag back now and then: no graph then
+        out = self._launch_steps() if aggressive.in_phase(self) else self.graph.run(key, self._launch_steps)
         self.steps_done = self.steps_per_epoch
         return out
 
@@ -265,9 +267,12 @@ class Population:
         ticks = torch.arange(1, steps + 1, device=self.device).view(-1, 1)
         kl_ws, caps, lrs = self._schedule(self.epoch.to(torch.float32) + ticks / steps)
         all_keys = noise.derive(self.keys, _STREAM_STEP, self.step + ticks - 1)
+        hook = aggressive.AggressiveSteps(self) if aggressive.in_use(self) else None  # He et al. 2019
         for t in range(steps):
             self.steps_done = t  # host-side: updates applied when an out-of-memory error stops the epoch
             kl_w, cap, lr, step_keys = kl_ws[t], caps[t], lrs[t], all_keys[t]
+            if hook is not None:  # encoder-only steps first, for slots in their aggressive phase
+                hook.encoder_steps(t, lr, kl_w, cap)
             # 2. forward all slots; a non-finite slot is frozen (zero loss share, no update)
             x = self._batch(order[:, t * b : (t + 1) * b], step_keys)  # (S, B, D)
             # (the autocast cache is off: under graph capture it would outlive what it caches)
@@ -285,7 +290,10 @@ class Population:
                 norms = self.optimizer.grad_norms()
             ok &= torch.isfinite(norms)
             # 4. update, then advance the clocks of live slots
-            self.optimizer.step(torch.where(ok, lr, 0.0), ok)
+            if hook is None:
+                self.optimizer.step(torch.where(ok, lr, 0.0), ok)
+            else:
+                ok = hook.update(lr, ok)
             finite &= ok | ~live
             self.step += live
             sums["loss"] += torch.where(ok, loss.detach(), 0.0)
@@ -294,6 +302,7 @@ class Population:
         return {
             "loss": sums["loss"] / steps, "neg_elbo": sums["neg_elbo"] / steps, "finite": finite,
             "kl_weight": kl_w, "lr": lr,
+            "inner_steps": hook.inner / steps if hook is not None else torch.zeros_like(kl_w),
         }
 
     @torch.no_grad()
@@ -349,9 +358,9 @@ class Population:
         # 2. note: the one host sync of the epoch, every number in one copy
         rows = (
             train["loss"], train["neg_elbo"], train["finite"], train["kl_weight"], train["lr"],
-            v_dev, val["recon"], val["kl"], improved_dev,
+            v_dev, val["recon"], val["kl"], improved_dev, train["inner_steps"],
         )
-        (loss, neg_elbo, finite, kl_w, lr, val_neg_elbo, recon, kl, improved) = torch.stack(
+        (loss, neg_elbo, finite, kl_w, lr, val_neg_elbo, recon, kl, improved, inner) = torch.stack(
             [r.to(torch.float32) for r in rows]
         ).tolist()
         results = []
@@ -376,6 +385,7 @@ class Population:
             row = {
                 "epoch": st.epoch, "train_loss": loss[s], "train_neg_elbo": neg_elbo[s],
                 "val_neg_elbo": v, "val_recon": recon[s], "val_kl": kl[s], "kl_weight": kl_w[s], "lr": lr[s],
+                "inner_steps": inner[s],  # aggressive encoder steps per decoder step (0: none)
             }
             st.history.append(row)
             results.append(EpochResult(slot=s, improved=bool(improved[s]), status=st.status, reason=st.reason, **row))
@@ -417,7 +427,8 @@ class Population:
         opt = self.optimizer
         return [
             self.flat.detach(), self.best_flat, *(buf for bufs in opt.state.values() for buf in bufs),
-            opt.steps, *(getattr(opt, name) for name in OPTIMIZER_HYPERPARAMETERS), *self.hp.values(),
+            opt.steps, opt.encoder_steps, *(getattr(opt, name) for name in OPTIMIZER_HYPERPARAMETERS),
+            *self.hp.values(),
             self.seed, self.keys, self.step, self.epoch, self.live, self.best_val, *self.model.buffers(),
         ]
 

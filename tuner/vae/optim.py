@@ -25,6 +25,13 @@ Per-slot guarantees (DESIGN "Population pitfalls" 1-3):
 
 The compiled and vectorized paths read nothing back to the host, so they can run under CUDA graph
 capture.
+
+Two clocks per slot, for training the encoder and the decoder apart (He et al. 2019's aggressive
+encoder training, :mod:`tuner.vae.aggressive`): :meth:`set_encoder_columns` splits the one (S, P)
+parameter's columns into encoder and decoder, and :meth:`step_columns` updates one part (or both)
+of some slots, the encoder's columns with the slot's ``encoder_steps`` clock and the decoder's with
+``steps``, as two torch optimizers over the two parts would. :meth:`step` never reads
+``encoder_steps``: a slot that does not use the split trains exactly as before.
 """
 
 from __future__ import annotations
@@ -86,6 +93,9 @@ class StackedOptimizer:
         self.weight_decay = torch.zeros(slots, **f32)
         self.momentum = torch.full((slots,), 0.9, **f32)
         self.steps = torch.zeros(slots, **f32)  # updates taken since the slot's last reset
+        self.encoder_steps = torch.zeros(slots, **f32)  # encoder updates by step_columns (two clocks)
+        self._segments: dict[str, list[tuple[int, int]]] = {}  # set_encoder_columns: part -> column ranges
+        self._encoder_columns: Tensor | None = None  # (P,) bool
         self._decay = False  # host-side: does any slot use weight decay (skips a pass when none does)
         # state per parameter, allocated up front (graph-safe: no lazy init inside step)
         names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
@@ -133,6 +143,7 @@ class StackedOptimizer:
             for buf in buffers:
                 buf[slot].zero_()
         self.steps[slot] = 0.0
+        self.encoder_steps[slot] = 0.0
 
     # ---- the update ---------------------------------------------------------------------------
 
@@ -189,24 +200,96 @@ class StackedOptimizer:
         hp = {name: getattr(self, name).tolist() for name in _HYPERPARAMETERS}
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         for s in (s for s in range(self.slots) if on[s]):
-            params = [self.params[i][s] for i in live]
-            grads = [self.params[i].grad[s] for i in live]
-            if self.kind == "sgd":
-                # momentum 0 is plain SGD, for which the kernel takes no buffers
-                buffers = [self.state["momentum_buffer"][i][s] for i in live] if hp["momentum"][s] > 0 else []
-                torch._fused_sgd_(
-                    params, grads, buffers,
-                    weight_decay=hp["weight_decay"][s], momentum=hp["momentum"][s], lr=lrs[s], dampening=0.0,
-                    nesterov=False, maximize=False, is_first_step=False,  # zeroed buffer: b = g on step 1
-                )
-                continue
-            fused = torch._fused_adam_ if self.kind == "adam" else torch._fused_adamw_
-            fused(
-                params, grads, [self.state["exp_avg"][i][s] for i in live],
-                [self.state["exp_avg_sq"][i][s] for i in live], [], [self.steps[s]] * len(live),
-                lr=lrs[s], beta1=hp["beta1"][s], beta2=hp["beta2"][s], weight_decay=hp["weight_decay"][s],
-                eps=hp["eps"][s], amsgrad=False, maximize=False,
+            pieces = [(self.params[i], i, slice(None)) for i in live]
+            self._fused_slot(s, pieces, [self.steps[s]] * len(live), lrs[s], hp)
+
+    def _fused_slot(self, s: int, pieces: list[tuple[Tensor, int, slice]], steps: list[Tensor], lr: float,
+                    hp: dict[str, list[float]]) -> None:
+        """The fused kernel on slot s of each (parameter, its index, columns) piece, Adam's clock
+        ``steps[j]`` for piece j."""
+        def rows(tensors: list[Tensor]) -> list[Tensor]:  # slot s's columns of each piece
+            return [t[s] if cols == slice(None) else t[s, cols] for t, (_, _, cols) in zip(tensors, pieces)]
+
+        params = rows([p for p, _, _ in pieces])
+        grads = rows([p.grad for p, _, _ in pieces])
+        if self.kind == "sgd":
+            # momentum 0 is plain SGD, for which the kernel takes no buffers
+            buffers = rows([self.state["momentum_buffer"][i] for _, i, _ in pieces]) if hp["momentum"][s] > 0 else []
+            torch._fused_sgd_(
+                params, grads, buffers,
+                weight_decay=hp["weight_decay"][s], momentum=hp["momentum"][s], lr=lr, dampening=0.0,
+                nesterov=False, maximize=False, is_first_step=False,  # zeroed buffer: b = g on step 1
             )
+            return
+        fused = torch._fused_adam_ if self.kind == "adam" else torch._fused_adamw_
+        fused(
+            params, grads, rows([self.state["exp_avg"][i] for _, i, _ in pieces]),
+            rows([self.state["exp_avg_sq"][i] for _, i, _ in pieces]), [], steps,
+            lr=lr, beta1=hp["beta1"][s], beta2=hp["beta2"][s], weight_decay=hp["weight_decay"][s],
+            eps=hp["eps"][s], amsgrad=False, maximize=False,
+        )
+
+    # ---- two clocks: the encoder's and the decoder's columns apart ------------------------------
+
+    def set_encoder_columns(self, encoder: Tensor) -> None:
+        """Split the one (S, P) parameter's columns: encoder (P,) bool, True for the encoder's."""
+        if len(self.params) != 1 or self.params[0].dim() != 2 or encoder.shape != self.params[0].shape[1:]:
+            raise TunerError(
+                f"set_encoder_columns needs one (S, P) parameter and a (P,) mask, but got "
+                f"{[tuple(p.shape) for p in self.params]} and {tuple(encoder.shape)}"
+            )
+        flags = encoder.bool().tolist()  # a host mask: read once, when the population is built
+        runs: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
+        start = 0
+        for j in range(1, len(flags) + 1):
+            if j == len(flags) or flags[j] != flags[start]:
+                runs[flags[start]].append((start, j))
+                start = j
+        self._segments = {"encoder": runs[True], "decoder": runs[False]}
+        self._encoder_columns = encoder.to(device=self.steps.device, dtype=torch.bool)
+
+    @torch.no_grad()
+    def step_columns(self, lr: Tensor, active: Tensor, part: Literal["encoder", "decoder", "both"]) -> None:
+        """Update one part of the active slots: the encoder's columns (its clock ``encoder_steps``
+        advances), the decoder's (``steps`` advances), or both, each with its own clock. lr (S,),
+        active (S,) bool; inactive slots and the other part keep every bit (moments included)."""
+        if self._encoder_columns is None:
+            raise TunerError("step_columns needs set_encoder_columns first")
+        on_f = active.to(self.steps.dtype)
+        if part != "decoder":
+            self.encoder_steps.copy_(self.encoder_steps + on_f)
+        if part != "encoder":
+            self.steps.copy_(self.steps + on_f)
+        p = self.params[0]
+        if self.update == "per_slot":
+            lrs, on = lr.tolist(), active.tolist()
+            hp = {name: getattr(self, name).tolist() for name in _HYPERPARAMETERS}
+            parts = ("encoder", "decoder") if part == "both" else (part,)
+            for s in (s for s in range(self.slots) if on[s]):
+                pieces, steps = [], []
+                for name in parts:
+                    clock = self.encoder_steps[s] if name == "encoder" else self.steps[s]
+                    pieces += [(p, 0, slice(a, b)) for a, b in self._segments[name]]
+                    steps += [clock] * len(self._segments[name])
+                self._fused_slot(s, pieces, steps, lrs[s], hp)
+            return
+        # vectorized / compiled: one elementwise update with (S, P) masks and clocks
+        enc = self._encoder_columns.view(1, -1)
+        cols = {"encoder": enc, "decoder": ~enc, "both": torch.ones_like(enc)}[part]
+        view = (self.slots, 1)
+        steps = torch.where(enc, self.encoder_steps.view(view), self.steps.view(view))
+        hp = [getattr(self, name).view(view) for name in _HYPERPARAMETERS]
+        buffers = [bufs[0] for bufs in self.state.values()] + ([None] if self.kind == "sgd" else [])
+        args = (p, p.grad, *buffers, lr.view(view), active.view(view) & cols, *hp, steps, self.kind)
+        if self.update == "compiled":
+            try:
+                _compiled()(*args)
+                return
+            except Exception as error:  # noqa: BLE001 - as _compiled_step: fall back for good
+                warnings.warn(f"StackedOptimizer: the compiled column update failed ({type(error).__name__}); "
+                              "using the vectorized update from now on", RuntimeWarning, stacklevel=2)
+                self.update = "vectorized"
+        _update(*args)
 
     def _adam(self, p: Tensor, i: int, lr: Tensor, on: Tensor, view: tuple[int, ...]) -> None:
         # In-place passes with per-slot coefficients that are exactly 0 (or 1) for inactive slots,
@@ -283,7 +366,7 @@ class StackedOptimizer:
             for name, bufs in self.state.items()
             for i, buf in enumerate(bufs)
         }
-        for name in ("steps", *_HYPERPARAMETERS):
+        for name in ("steps", "encoder_steps", *_HYPERPARAMETERS):
             state[name] = getattr(self, name)[slot].detach().cpu().clone()
         return state
 
@@ -292,6 +375,8 @@ class StackedOptimizer:
         self._check_slot(slot)
         expected = {f"{name}.{i}" for name, bufs in self.state.items() for i in range(len(bufs))}
         expected |= {"steps", *_HYPERPARAMETERS}
+        state = {"encoder_steps": torch.zeros(()), **state}  # absent from states saved before the two clocks
+        expected.add("encoder_steps")
         if set(state) != expected:
             raise TunerError(
                 f"optimizer state does not fit this {self.kind} optimizer: "
@@ -307,7 +392,7 @@ class StackedOptimizer:
                         f"slot has {tuple(buf.shape[1:])}; load a checkpoint saved with the same model shape"
                     )
                 buf[slot].copy_(value)
-        for name in ("steps", *_HYPERPARAMETERS):
+        for name in ("steps", "encoder_steps", *_HYPERPARAMETERS):
             getattr(self, name)[slot] = state[name].to(torch.float32)
         self._decay = bool((self.weight_decay > 0).any())
 

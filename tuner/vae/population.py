@@ -106,6 +106,7 @@ class EpochResult:
     improved: bool
     status: SlotStatus
     reason: str | None
+    inner_steps: float = 0.0  # aggressive encoder steps per decoder step (tuner.vae.aggressive)
 
 
 def build_vae(shape: PopulationShape, image_shape: tuple[int, int, int], latent_max: int, hidden_max: int,

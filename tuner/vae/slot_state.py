@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT_FORMAT", "SlotSnapshot", "load", "select_slots", "snapshot", "true_size"]
 
 CHECKPOINT_FORMAT = 2  # 1: padded tensors, no identity; 2: true-size tensors (+ study_id, trial, config_hash)
-_OPTIMIZER_SCALARS = ("steps", "beta1", "beta2", "eps", "weight_decay", "momentum")
+_OPTIMIZER_SCALARS = ("steps", "beta1", "beta2", "eps", "weight_decay", "momentum", "encoder_steps")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class SlotSnapshot:
     """One slot at one moment, on its way to the host: :meth:`checkpoint` makes the saved dict."""
 
     packed: Tensor  # (kinds, N) host: weights, best weights, then each optimizer moment
-    scalars: Tensor  # (6,) float32 host: optimizer steps and hyperparameters
+    scalars: Tensor  # (7,) float32 host: optimizer steps, hyperparameters, encoder steps
     clocks: Tensor  # (2,) int64 host: batches seen (the noise clock), epochs
     kinds: tuple[str, ...]  # "model", "best", then optimizer state names ("exp_avg", ...)
     pieces: tuple[tuple[str, tuple[int, ...]], ...]
