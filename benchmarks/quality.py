@@ -46,7 +46,7 @@ FAMILIES: dict[str, dict[str, dict[str, Any]]] = {  # config fields over the con
     "aggressive": {"train": {"aggressive_epochs": 5}},  # aggressive encoder training, He et al. 2019
 }
 FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "amortization_gap",
-                  "approximation_gap", "decoder_ortho_cos", "train_s")
+                  "approximation_gap", "decoder_ortho_cos", "best_epoch", "train_s")
 
 
 def family_config(config: TrainConfig, family: str, objective: str = "elbo", k: int = 5) -> TrainConfig:

@@ -138,6 +138,24 @@ def test_diffusion_slot_trains_in_a_population_like_alone(small_npz: Path) -> No
         pop.model.log_prior_dims(torch.zeros(2, 1, 6))
 
 
+def test_a_fresh_diffusion_vae_is_the_gaussian_vae(small_npz: Path) -> None:
+    """Its other weights are drawn exactly as the Gaussian family's (the prior's draws come last),
+    and its fresh prior is N(0, I): the same posterior draw gives the same sampled KL per dim."""
+    normal, diffusion = (config(small_npz, seed=3, prior=p) for p in ("normal", "diffusion"))
+    splits = load_splits(normal.data, 64)
+    a, b = (Population.for_configs([c], splits).model for c in (normal, diffusion))
+    theirs = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        assert torch.equal(p, theirs[name]), name
+    x = splits.test[:16].unsqueeze(0)
+    eps = torch.randn(1, 16, 1 + 8, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        za, kla = a.sample(a.local_posterior(x), eps[:, :, 0], mc=True)
+        zb, klb = b.sample(b.local_posterior(x), eps, mc=True)
+    torch.testing.assert_close(zb, za)
+    torch.testing.assert_close(klb, kla, atol=1e-4, rtol=0)
+
+
 def test_diffusion_checkpoint_resumes_exactly(small_npz: Path, tmp_path: Path) -> None:
     cfg = config(small_npz, seed=5, latent=4)
     splits = load_splits(cfg.data, 64)

@@ -271,5 +271,7 @@ def test_the_variants_study_samples_only_valid_configs_of_every_family_and_remed
         cfg = spec.train_config(space.sample(study.ask(), spec), seed=i)  # validated: every combination allowed
         m, k = cfg.model, cfg.kl
         seen |= {m.posterior, m.prior, *(["mixture"] if m.mixture > 1 else []), k.divergence,
-                 *(["aux"] if k.aux_weight > 0 else []), *(["ortho"] if m.ortho_weight > 0 else [])}
-    assert seen == {"gaussian", "iaf", "normal", "mog", "vamp", "diffusion", "mixture", "kl", "mmd", "aux", "ortho"}
+                 *(["aux"] if k.aux_weight > 0 else []), *(["ortho"] if m.ortho_weight > 0 else []),
+                 *(["aggressive"] if cfg.train.aggressive_epochs > 0 else [])}
+    assert seen == {"gaussian", "iaf", "normal", "mog", "vamp", "diffusion", "mixture", "kl", "mmd", "aux", "ortho",
+                    "aggressive"}

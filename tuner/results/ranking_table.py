@@ -33,7 +33,7 @@ from tuner.results.ranking import PRIOR_BOUND_MARK, prior_bound_note
 __all__ = ["DEFAULT_COLUMNS", "TABLE_COLUMNS", "choose_columns", "parameter_table", "ranking_tables"]
 
 _GAP = 2  # cells between two columns (a SIMPLE_HEAD box with collapsed padding and no edges)
-_NLL_COLUMNS = ("iwae_nll", "test_iwae_nll")  # the IWAE NLLs, which a bounded log p(z) loosens
+_NLL_COLUMNS = ("iwae_nll", "test_iwae_nll", "confirmed")  # the IWAE NLLs, which a bounded log p(z) loosens
 
 
 def _missing(value: object) -> bool:

@@ -85,7 +85,7 @@ def _prior_bound(shown: pd.DataFrame, trials: dict[int, FrozenTrial], out: Cavea
         return
     tip = "an upper bound with a one-chain variational bound for log p(z): the true NLL is lower"
     for trial in bounded:
-        for column in ("iwae_nll", "test_iwae_nll"):
+        for column in ("iwae_nll", "test_iwae_nll", "confirmed_nll"):
             if column in shown:
                 out.marks[(trial, column)] = Mark("", PRIOR_BOUND_MARK, tip)
     out.notes.append(prior_bound_note(bounded) + ".")
