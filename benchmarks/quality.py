@@ -43,7 +43,7 @@ FAMILIES: dict[str, dict[str, dict[str, Any]]] = {  # config fields over the con
     "diffusion": {"model": {"prior": "diffusion", "diffusion_steps": 20}},  # Wehenkel & Louppe 2021
     "mixture": {"model": {"mixture": 2}},  # two encoders, one decoder: MISELBO, Kviman et al. 2023
     "ortho": {"model": {"ortho_weight": 30.0}},  # a locally orthogonal decoder: OroJaR, Wei et al. 2021
-    "aggressive": {"train": {"aggressive_epochs": 5}},  # aggressive encoder training, He et al. 2019
+    "aggressive": {"train": {"aggressive_epochs": 2}},  # aggressive encoder training, He et al. 2019
 }
 FAMILY_COLUMNS = ("iwae_nll", "neg_elbo", "kl", "active_units", "mutual_info", "amortization_gap",
                   "approximation_gap", "decoder_ortho_cos", "best_epoch", "train_s")
