@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from test_families import train_one_epoch
-from test_step_sync import FAMILIES
+from test_step_sync import FAMILIES, count_syncs, cuda_path, eager_update  # noqa: F401  (fixtures)
 
 from tuner.errors import TunerError
 from tuner.results.exported_config import settings_that_apply
@@ -177,4 +177,20 @@ def test_config_errors_and_export() -> None:
     from quality import family_config  # benchmarks/ (conftest puts it on the path)
 
     row = family_config(parse_config({}), "aggressive")
-    assert row.train.aggressive_epochs == 5 and row.model == parse_config({}).model
+    assert row.train.aggressive_epochs > 0 and row.model == parse_config({}).model
+
+
+def test_past_its_phase_a_slot_adds_no_host_copy_or_read_to_the_step(tiny, splits_for, short_inner, count_syncs,
+                                                                       eager_update) -> None:
+    """After the phase, two-clock joint updates on CUDA's path (the compiled update, run eagerly):
+    no sync, so such a population still runs as a CUDA graph."""
+    configs = [small(tiny, 1, 1, epochs=3), small(tiny, 2, 0, epochs=3)]
+    pop = cuda_path(Population.for_configs(configs, splits_for(configs[0])))
+    pop.run_epoch()  # slot 0's aggressive epoch
+    assert aggressive.in_use(pop) and not aggressive.in_phase(pop)
+    steps, encoder_steps = pop.optimizer.steps.clone(), pop.optimizer.encoder_steps.clone()
+    with count_syncs as mode:
+        out = pop.train_epoch()
+    assert mode.seen == [] and bool(out["finite"].all())
+    assert (pop.optimizer.steps - steps).tolist() == [2.0, 2.0]  # both slots: one update a step
+    assert (pop.optimizer.encoder_steps - encoder_steps).tolist() == [2.0, 0.0]  # slot 0's encoder clock too
