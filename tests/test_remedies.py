@@ -24,8 +24,9 @@ from tuner.train import load_run
 from tuner.vae import metrics, noise
 from tuner.vae.data import load_splits
 from tuner.vae.engine import Population
-from tuner.vae.models import _STREAM_EPS, _STREAM_MMD_PRIOR
+from tuner.vae.models import _STREAM_EPS
 from tuner.vae.population import PopulationShape
+from tuner.vae.remedies import STREAM_MMD_PRIOR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 AUX = {"aux_weight": 4.0}
@@ -104,7 +105,7 @@ def test_mmd_replaces_the_kl_term_in_the_loss_only(tiny, splits_for) -> None:
         out = model(x, key, torch.ones(1), zeros, zeros)
         heavy = model(x, key, torch.full((1,), 8.0), zeros, torch.full((1,), 0.5))  # beta 8, free bits: unread
         z = _drawn_z(model, x, key)[0, :, :8].double().numpy()
-        prior = noise.normal(noise.derive(key, _STREAM_MMD_PRIOR), (x.shape[1], model.latent_max))[0, :, :8]
+        prior = noise.normal(noise.derive(key, STREAM_MMD_PRIOR), (x.shape[1], model.latent_max))[0, :, :8]
         model.mmd_weight.zero_()
         model.refresh_flags()
         kl_loss = model(x, key, torch.ones(1), zeros, zeros)

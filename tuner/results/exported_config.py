@@ -36,7 +36,7 @@ def _elbo(c: TrainConfig) -> bool:
 
 
 def _kl_term(c: TrainConfig) -> bool:
-    """The -ELBO's KL term is in the loss (kl.divergence 'mmd' replaces it: VAE._with_remedies)."""
+    """The -ELBO's KL term is in the loss (kl.divergence 'mmd' replaces it: tuner.vae.remedies.apply)."""
     return _elbo(c) and c.kl.divergence == "kl"
 
 
@@ -64,7 +64,7 @@ _APPLIES_WHEN: dict[str, Callable[[TrainConfig], bool]] = {
     "kl.ratio": lambda c: c.kl.schedule == "cyclical",
     "kl.capacity": lambda c: c.kl.schedule == "capacity" and _kl_term(c),
     "kl.free_bits": _kl_term,
-    # the collapse remedies (VAE._with_remedies): a default ('kl', alpha 0) is what the field's
+    # the collapse remedies (tuner.vae.remedies.apply): a default ('kl', alpha 0) is what the field's
     # absence loads back, so it is written only where it acts
     "kl.divergence": lambda c: c.kl.divergence != "kl",
     "kl.mmd_weight": lambda c: c.kl.divergence == "mmd",

@@ -1,8 +1,9 @@
 """The model maths and the population engine: what one trial trains and how many train at once.
 
 Data (:mod:`.data`), stacked layers, models and their families (:mod:`.layers`, :mod:`.models`,
-:mod:`.priors`, :mod:`.flows`, :mod:`.ladder`), counter-based noise, schedules, the stacked optimizer,
-the population (:mod:`.population`, :mod:`.engine`, :mod:`.slot_state`, :mod:`.epoch_graph`), the
+:mod:`.priors`, :mod:`.flows`, :mod:`.ladder`, :mod:`.mixture`, :mod:`.diffusion`; the collapse
+remedies :mod:`.remedies`, :mod:`.mmd`, :mod:`.ortho`, :mod:`.aggressive`), counter-based noise,
+schedules, the stacked optimizer, the population (:mod:`.population`, :mod:`.engine`, :mod:`.slot_state`, :mod:`.epoch_graph`), the
 metrics and gaps a trial is scored by, and the pictures of a model (:mod:`.images`, captioned by
 :mod:`.captions`).
 

@@ -17,22 +17,13 @@ Families (fixed per population: they change tensor shapes):
   Louppe 2021), whose log p(z) is only bounded: its KL is log q(z|x) minus a one-chain variational
   bound on log p(z), so its -ELBO and IWAE NLL are upper bounds on the true model's;
 * hierarchy ``flat`` (the default) or ``ladder`` (two levels, z1 of size ``latent`` near the data
-  and z2 of size ``latent2`` on top, :mod:`tuner.vae.ladder`; Gaussian posterior and prior only).
+  and z2 of size ``latent2`` on top, :mod:`tuner.vae.ladder`; Gaussian posterior and prior only);
+* ``mixture`` M > 1: q(z|x) is the mixture of M Gaussian encoders, :mod:`tuner.vae.mixture`.
 
-Remedies for posterior collapse are per-slot values (buffers set by :meth:`VAE.init_slot`), so slots
-with and without them share a population; they change the training ``loss`` only, never the
-reported ``neg_elbo``, ``recon`` or ``kl`` (the true model's):
-
-* ``aux_weight`` alpha (Semeniuta et al. 2017): a second, weak decoder, one linear layer from z alone
-  (``aux_out``), whose reconstruction -log p_aux(x|z) is added to the loss times alpha, so z must
-  carry what a linear map can read back. Its weights exist in every slot; at alpha 0 the term is not
-  computed (no slot uses it) or adds an exact 0 with a zero gradient (a neighbour uses it).
-* ``mmd_weight`` lambda (InfoVAE / MMD-VAE, Zhao et al. 2017, :mod:`tuner.vae.mmd`): where > 0 the
-  KL term (with its schedule, free bits and capacity) is *replaced* by lambda * MMD(z of the batch,
-  as many prior draws): the loss is recon + lambda * MMD, InfoVAE with alpha = 1.
-* ``ortho_weight`` (OroJaR, Wei et al. 2021, :mod:`tuner.vae.ortho`): adds the weight times a
-  scale-free estimate of the off-diagonal mass of the decoder's J^T J, so its Jacobian columns (what
-  moving one latent dim does to the image) become orthogonal.
+Remedies for posterior collapse (auxiliary decoder, MMD, orthogonal decoder) are per-slot values
+(buffers set by :meth:`VAE.init_slot`), so slots with and without them share a population; they
+change the training ``loss`` only, never the reported ``neg_elbo``, ``recon`` or ``kl``
+(:mod:`tuner.vae.remedies`).
 
 The default family (gaussian, normal, flat) is *closed form*: its KL is analytic, and it computes
 exactly what it always did. Every other family estimates log q(z|x) - log p(z) per dim from the
@@ -52,21 +43,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuner.errors import TunerError
-from tuner.vae import noise, ortho
+from tuner.vae import noise, remedies
 from tuner.vae.diffusion import DiffusionPrior
 from tuner.vae.flows import IAF
 from tuner.vae.ladder import Ladder
 from tuner.vae.layers import StackedConv2d, StackedConvTranspose2d, StackedLinear, fold_slots, unfold_slots
 from tuner.vae.metrics import gaussian_kl_per_dim
 from tuner.vae.mixture import MixtureEncoders, pick, posterior_log_prob_dims, stratify
-from tuner.vae.mmd import mmd
 from tuner.vae.priors import MixturePrior, VampPrior, mixture_log_prob_dims, normal_log_prob_dims, sample_prior
 from tuner.vae.schedules import free_bits_kl
 
 __all__ = ["VAE", "VAEOutput"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_STREAM_EPS, _STREAM_DROPOUT, _STREAM_MMD_PRIOR, _STREAM_ORTHO = 1, 2, 3, 4
+_STREAM_EPS, _STREAM_DROPOUT = 1, 2  # the remedies' streams are 3 and 4 (tuner.vae.remedies)
 
 
 @dataclass
@@ -401,45 +391,6 @@ class VAE(nn.Module):
         mu_p, lv_p = self.ladder.prior1(z2, self.latent_mask.unsqueeze(1))
         return (mu_p + torch.exp(0.5 * lv_p) * eps[:, :, 0]) * self.latent_mask.unsqueeze(1)
 
-    # ------------------------------------------------------------------------------ remedies
-    def aux_recon(self, x: Tensor, z: Tensor) -> Tensor:
-        """-log p_aux(x|z) of the auxiliary decoder, batch mean per slot: (S,) nats.
-
-        x (S, B, D), z (S, B, Zk) (the decoder's latent is z[..., :Zmax]). The likelihood is the
-        model's; a Gaussian one reads the model's log-scale detached, so the auxiliary term never
-        moves the true decoder's noise level.
-        """
-        params = self.aux_out(z[..., : self.latent_max] * self.latent_mask.unsqueeze(1))  # (S, B, D)
-        scale = None if self.likelihood == "bernoulli" else self.log_scale.detach()
-        return -self.log_likelihood(x, params, scale).mean(1)
-
-    def mmd_to_prior(self, z: Tensor, key: Tensor) -> Tensor:
-        """MMD between the batch's posterior draws z (S, B, Zk) and as many N(0, I) draws: (S,).
-
-        The prior draws come from the slot's key (stream _STREAM_MMD_PRIOR), per coordinate like
-        every draw here, so they do not depend on the population's Zmax (:mod:`tuner.vae.mmd`).
-        """
-        mask = self.latent_mask.unsqueeze(1)
-        prior = noise.normal(noise.derive(key, _STREAM_MMD_PRIOR), (z.shape[1], self.latent_max)) * mask
-        return mmd(z[..., : self.latent_max] * mask, prior, self.latent_mask.sum(-1))
-
-    def _with_remedies(self, loss: Tensor, recon: Tensor, x: Tensor, z: Tensor, key: Tensor, params: Tensor) -> Tensor:
-        """The training loss (S,) with each slot's remedies: where lambda > 0, recon + lambda * MMD
-        replaces it; then + alpha * the auxiliary reconstruction, + the orthogonality penalty's weight
-        times the penalty (params: decode(z, key), the step's decoder output). Slots without them keep
-        ``loss`` exactly (torch.where picks it; a weight 0 adds an exact 0)."""
-        if self._any_mmd:
-            loss = torch.where(self.mmd_weight > 0, recon + self.mmd_weight * self.mmd_to_prior(z, key), loss)
-        if self._any_aux:
-            loss = loss + self.aux_weight * self.aux_recon(x, z)
-        if self._any_ortho:
-            zd = z[..., : self.latent_max]
-            decode = lambda shifted: self.decode(shifted, key)  # noqa: E731  (the same dropout masks as params')
-            loss = loss + self.ortho_weight * ortho.penalty(
-                decode, zd, params, self.latent_mask, noise.derive(key, _STREAM_ORTHO)
-            )
-        return loss
-
     # ------------------------------------------------------------------------------ training
     def forward(
         self, x: Tensor, key: Tensor, kl_weight: Tensor, capacity: Tensor, free_bits: Tensor, samples: int = 1,
@@ -450,7 +401,7 @@ class VAE(nn.Module):
         samples: z draws per example (the encoder runs once); recon, KL and -ELBO are their means.
         iwae: the loss is the ``samples``-draw importance-weighted bound with log-weights
         log p(x|z) - kl_weight * (log q(z|x) - log p(z)) instead of the -ELBO with the KL schedule.
-        The slots' remedies act on the loss in every case (:meth:`_with_remedies`; the config allows
+        The slots' remedies act on the loss in every case (:func:`tuner.vae.remedies.apply`; the config allows
         the MMD with the -ELBO objective only).
         """
         local = self.local_posterior(x, key)
@@ -461,7 +412,7 @@ class VAE(nn.Module):
             recon = -self.log_likelihood(x, params).mean(1)  # (S,)
             kl = kl_per_dim.sum(-1).mean(1)
             kl_term = free_bits_kl(kl_per_dim, free_bits, self.kl_mask)
-            loss = self._with_remedies(recon + kl_weight * (kl_term - capacity).abs(), recon, x, z, key, params)
+            loss = remedies.apply(self, recon + kl_weight * (kl_term - capacity).abs(), recon, x, z, key, params)
             return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
         s, b = x.shape[:2]
         # draws (S, k, B, *noise) flattened to rows ordered (k, b), the posteriors tiled to match;
@@ -485,7 +436,7 @@ class VAE(nn.Module):
             loss = -(torch.logsumexp(log_w, dim=1) - math.log(samples)).mean(1)
         else:
             loss = recon + kl_weight * (free_bits_kl(kl_per_dim, free_bits, self.kl_mask) - capacity).abs()
-        loss = self._with_remedies(loss, recon, x, z, key, params)
+        loss = remedies.apply(self, loss, recon, x, z, key, params)
         return VAEOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
 
     # -------------------------------------------------------------------- local posteriors
