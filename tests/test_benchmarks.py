@@ -101,7 +101,7 @@ def test_search_race_scores_every_arm_on_the_same_split(tmp_path: Path, small_np
     spec["budget"]["epochs"], spec["enqueue"] = 1, []  # (its listed config names the entries left out here)
     path = tmp_path / "race.yaml"
     path.write_text(yaml.safe_dump(spec))
-    out = run_script("search_race.py", "--spec", str(path), "--seconds", "12", "--repeats", "1", "--workers", "1", "--target", "1000",
+    out = run_script("search_race.py", "--spec", str(path), "--seconds", "25", "--repeats", "1", "--workers", "1", "--target", "1000",
                      "--json", str(tmp_path / "race.json"), timeout=240)
     rows = table(out, "arm test_nll")
     assert set(rows) == {"tuner", "plain-same", "plain-textbook"}
