@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_families import train_one_epoch
+from test_families import history, run, train_one_epoch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from tuner.errors import TunerError
@@ -21,15 +21,6 @@ from tuner.vae.data import load_splits
 from tuner.vae.engine import Population
 from tuner.vae.mixture import pick, posterior_log_prob_dims, stratify
 from tuner.vae.population import PopulationShape, build_vae
-
-
-def run(pop: Population) -> None:
-    while pop.running():
-        pop.run_epoch()
-
-
-def history(pop: Population, slot: int, key: str = "val_neg_elbo") -> list[float]:
-    return [row[key] for row in pop.state[slot].history]
 
 
 def test_mixture_log_density_matches_torch_distributions() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_families import train_one_epoch
+from test_families import history, run, train_one_epoch
 from torch.autograd.functional import jacobian
 
 from tuner.errors import TunerError
@@ -20,15 +20,6 @@ from tuner.vae.engine import Population
 from tuner.vae.population import PopulationShape, build_vae
 
 ORTHO = {"ortho_weight": 30.0}
-
-
-def run(pop: Population) -> None:
-    while pop.running():
-        pop.run_epoch()
-
-
-def history(pop: Population, slot: int, key: str = "val_neg_elbo") -> list[float]:
-    return [row[key] for row in pop.state[slot].history]
 
 
 def _decoder(tiny, latent: int = 4):
