@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from population_runs import history, run, straight_and_resumed
 from test_families import train_one_epoch
 from test_step_sync import FAMILIES, count_syncs, cuda_path, eager_update  # noqa: F401  (fixtures)
 
@@ -39,15 +40,6 @@ def short_inner(monkeypatch: pytest.MonkeyPatch) -> None:
 def small(tiny, seed: int, aggressive_epochs: int, epochs: int = 2, batch_size: int = 256, **model):
     return tiny(seed=seed, data={"binarize": "static"}, model={**SMALL, **model}, optim={"batch_size": batch_size},
                 train={"epochs": epochs, "aggressive_epochs": aggressive_epochs})
-
-
-def run(pop: Population) -> None:
-    while pop.running():
-        pop.run_epoch()
-
-
-def history(pop: Population, slot: int, key: str = "val_neg_elbo") -> list[float]:
-    return [row[key] for row in pop.state[slot].history]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -139,17 +131,9 @@ def test_slots_with_and_without_it_share_a_population_and_train_as_alone(tiny, s
 
 def test_resume_mid_phase_equals_uninterrupted(tiny, splits_for, short_inner, tmp_path: Path) -> None:
     cfg = small(tiny, 5, 2)
-    splits = splits_for(cfg)
-    straight = Population.for_configs([cfg], splits)
-    run(straight)
-    first = Population.for_configs([cfg], splits)
-    first.run_epoch()
-    torch.save(first.slot_checkpoint(0), tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    wider = small(tiny, 9, 0, latent=6, hidden=40)  # wider maxima, a slot outside its phase beside it
+    straight, resumed, ckpt = straight_and_resumed(cfg, [wider], splits_for(cfg), tmp_path)
     assert float(ckpt["optimizer"]["encoder_steps"]) > float(ckpt["optimizer"]["steps"]) > 0  # both clocks saved
-    resumed = Population(first.shape, splits, slots=2, latent_max=4, hidden_max=40)  # wider maxima
-    resumed.load_slot_checkpoint(1, ckpt)
-    run(resumed)
     for key in ("val_neg_elbo", "inner_steps"):
         assert history(resumed, 1, key) == history(straight, 0, key)
     assert min(history(straight, 0, "inner_steps")) > 0

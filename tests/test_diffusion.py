@@ -22,7 +22,8 @@ from tuner.vae.diffusion import DiffusionPrior, cosine_betas
 from tuner.vae.engine import Population
 from tuner.vae.population import PopulationShape
 
-from test_families import history, run, train_one_epoch
+from population_runs import history, run, straight_and_resumed
+from test_families import train_one_epoch
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -158,16 +159,8 @@ def test_a_fresh_diffusion_vae_is_the_gaussian_vae(small_npz: Path) -> None:
 
 def test_diffusion_checkpoint_resumes_exactly(small_npz: Path, tmp_path: Path) -> None:
     cfg = config(small_npz, seed=5, latent=4)
-    splits = load_splits(cfg.data, 64)
-    straight = Population.for_configs([cfg], splits)
-    run(straight)
-    first = Population.for_configs([cfg], splits)
-    first.run_epoch()
-    torch.save(first.slot_checkpoint(0), tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    resumed = Population.for_configs([config(small_npz, seed=9, latent=7, hidden=64), cfg], splits)
-    resumed.load_slot_checkpoint(1, ckpt)
-    run(resumed)
+    wider = config(small_npz, seed=9, latent=7, hidden=64)
+    straight, resumed, _ = straight_and_resumed(cfg, [wider], load_splits(cfg.data, 64), tmp_path)
     assert history(resumed, 1) == pytest.approx(history(straight, 0), rel=1e-5)
 
 

@@ -7,18 +7,10 @@ import math
 
 import pytest
 import torch
+from population_runs import history, run, straight_and_resumed
 
 from tuner.vae.engine import Population
 from tuner.vae.population import PopulationShape
-
-
-def run(pop: Population) -> None:
-    while pop.running():
-        pop.run_epoch()
-
-
-def history(pop: Population, slot: int, key: str = "val_neg_elbo") -> list[float]:
-    return [row[key] for row in pop.state[slot].history]
 
 
 def slot_params(pop: Population, slot: int) -> list[torch.Tensor]:
@@ -74,20 +66,9 @@ def test_slot_in_population_of_8_matches_alone(tiny, splits_for) -> None:
 
 def test_checkpoint_resume_gives_the_same_numbers(tiny, splits_for, tmp_path) -> None:
     config = tiny(train={"epochs": 3}, model={"dropout": 0.1}, optim={"decay": "cosine"})
-    splits = splits_for(config)
-    straight = Population.for_configs([config], splits)
-    run(straight)
-
-    first = Population.for_configs([config], splits)
-    first.run_epoch()
-    torch.save(first.slot_checkpoint(0), tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     # resume into slot 2 of a wider population holding other runs
     other = tiny(seed=9, model={"latent": 16, "hidden": 96}, train={"epochs": 3})
-    resumed = Population.for_configs([other, other, config], splits)
-    resumed.load_slot_checkpoint(2, ckpt)
-    assert resumed.state[2].epoch == 1
-    run(resumed)
+    straight, resumed, _ = straight_and_resumed(config, [other, other], splits_for(config), tmp_path)
     assert history(resumed, 2) == pytest.approx(history(straight, 0), rel=1e-5)
     assert trimmed_equal(slot_params(resumed, 2), slot_params(straight, 0), atol=1e-5)
 

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from population_runs import history, run, straight_and_resumed
 
 from tuner.spec import TrainConfig, parse_config
 from tuner.study import space
@@ -47,15 +48,6 @@ def config(small_npz: Path, family: str, seed: int = 1, **model: Any) -> TrainCo
         "optim": {"batch_size": 64, "lr": 2e-3}, "kl": {"schedule": "constant"},
         "train": {"epochs": 2, "iwae_k": 20},
     })
-
-
-def run(pop: Population) -> None:
-    while pop.running():
-        pop.run_epoch()
-
-
-def history(pop: Population, slot: int, key: str = "val_neg_elbo") -> list[float]:
-    return [row[key] for row in pop.state[slot].history]
 
 
 def trimmed_equal(big: list[torch.Tensor], small: list[torch.Tensor], atol: float) -> bool:
@@ -132,17 +124,8 @@ def test_family_metrics_iwae_below_elbo(family: str, trained) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_checkpoint_resumes_exactly(family: str, small_npz: Path, tmp_path: Path) -> None:
     cfg = config(small_npz, family, seed=5, latent=4)
-    splits = load_splits(cfg.data, 64)
-    straight = Population.for_configs([cfg], splits)
-    run(straight)
-    first = Population.for_configs([cfg], splits)
-    first.run_epoch()
-    torch.save(first.slot_checkpoint(0), tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     other = config(small_npz, family, seed=9, latent=7, hidden=64, latent2=5)  # wider maxima
-    resumed = Population.for_configs([other, cfg], splits)
-    resumed.load_slot_checkpoint(1, ckpt)
-    run(resumed)
+    straight, resumed, _ = straight_and_resumed(cfg, [other], load_splits(cfg.data, 64), tmp_path)
     assert history(resumed, 1) == pytest.approx(history(straight, 0), rel=1e-5)
 
 

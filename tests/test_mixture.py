@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_families import history, run, train_one_epoch
+from population_runs import history, run
+from test_families import train_one_epoch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from tuner.errors import TunerError

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_families import history, run, train_one_epoch
+from population_runs import history, run
+from test_families import train_one_epoch
 from torch.autograd.functional import jacobian
 
 from tuner.errors import TunerError

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from population_runs import history, run, straight_and_resumed
 from test_families import train_one_epoch
 from test_mmd import _mmd_numpy
 from test_step_sync import count_syncs, cuda_path, eager_update  # noqa: F401  (fixtures)
@@ -31,15 +32,6 @@ from tuner.vae.remedies import STREAM_MMD_PRIOR
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 AUX = {"aux_weight": 4.0}
 MMD = {"divergence": "mmd", "mmd_weight": 50.0}
-
-
-def run(pop: Population) -> None:
-    while pop.running():
-        pop.run_epoch()
-
-
-def history(pop: Population, slot: int, key: str = "val_neg_elbo") -> list[float]:
-    return [row[key] for row in pop.state[slot].history]
 
 
 def _one_epoch(tiny, splits_for, **kl):
@@ -149,15 +141,8 @@ def test_remedies_add_no_host_copy_or_read_to_the_step(tiny, splits_for, count_s
 
 def test_remedies_resume_from_a_checkpoint_exactly(tiny, splits_for, tmp_path: Path) -> None:
     cfg = tiny(seed=5, kl={**MMD, "aux_weight": 2.0})
-    splits = splits_for(cfg)
-    straight = Population.for_configs([cfg], splits)
-    run(straight)
-    first = Population.for_configs([cfg], splits)
-    first.run_epoch()
-    torch.save(first.slot_checkpoint(0), tmp_path / "ckpt.pt")
-    resumed = Population.for_configs([tiny(seed=9, model={"latent": 12, "hidden": 80}), cfg], splits)  # wider maxima
-    resumed.load_slot_checkpoint(1, torch.load(tmp_path / "ckpt.pt", weights_only=True))
-    run(resumed)
+    wider = tiny(seed=9, model={"latent": 12, "hidden": 80})
+    straight, resumed, _ = straight_and_resumed(cfg, [wider], splits_for(cfg), tmp_path)
     assert history(resumed, 1) == history(straight, 0)
 
 
