@@ -2,7 +2,7 @@
 
     python benchmarks/search_race.py [--spec studies/mnist.yaml] [--seconds 1200] [--repeats 3 | --seeds 1,2]
                                      [--workers 2] [--target 105.5] [--arms tuner,plain-same,plain-textbook]
-                                     [--json race.json]
+                                     [--json race.json] [--keep DIR]
 
 Arms, run one after another (each gets the whole machine for ``--seconds``), each ``--repeats``
 times with sampler seed 0, 1, ...:
@@ -22,7 +22,8 @@ Every complete trial stores its test IWAE NLL (K = the spec's ``train.iwae_k``, 
 the score of a run is that of its best trial **by validation** among the trials finished within the
 wall time (the test split never chooses). Time to target: seconds from launch until the running
 best-by-validation trial's test NLL first reaches ``--target``. A table on stdout, every run in the
-JSON file.
+JSON file. ``--keep DIR`` runs in DIR and keeps every run's SQLite study there (``<arm>-<seed>.db``,
+study ``race``) with the tuner's artifacts, so ``tuner confirm`` or ``tuner rank`` can read them after.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=105.5, help="test NLL (nats) for the time-to-target column")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--json", default=None, help="write every run here (default: search_race.json in a temp dir)")
+    parser.add_argument("--keep", default=None, help="run in this directory and keep its studies (default: a temp dir)")
     parser.add_argument("--arm-worker", choices=ARMS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--storage", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -202,8 +205,12 @@ def main() -> None:
           f"({len(spec_raw['space'])} params, up to {spec_raw['budget']['epochs']} epochs); score: the best-by-validation "
           f"trial's test IWAE NLL (nats); target {args.target:g}", flush=True)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="tuner-race-") as tmp_name:
-        tmp = Path(tmp_name)
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        if taken := [f"{a}-{s}.db" for a in arms for s in seeds if (Path(args.keep) / f"{a}-{s}.db").exists()]:
+            sys.exit(f"--keep {args.keep}: it already holds {taken[0]}; give an empty directory (a rerun would mix studies)")
+    with (nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="tuner-race-")) as tmp_name:
+        tmp = Path(tmp_name).resolve()
         for arm in arms:
             for seed in seeds:
                 started, wall, trials = run_arm(arm, tmp, spec_raw, args.seconds, args.workers, seed)

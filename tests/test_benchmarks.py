@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import yaml
 from stores import bench_databases  # benchmarks/stores.py (tests/conftest.py puts it on the path)
 
@@ -101,8 +102,9 @@ def test_search_race_scores_every_arm_on_the_same_split(tmp_path: Path, small_np
     spec["budget"]["epochs"], spec["enqueue"] = 1, []  # (its listed config names the entries left out here)
     path = tmp_path / "race.yaml"
     path.write_text(yaml.safe_dump(spec))
+    keep = tmp_path / "keep"
     out = run_script("search_race.py", "--spec", str(path), "--seconds", "25", "--repeats", "1", "--workers", "1", "--target", "1000",
-                     "--json", str(tmp_path / "race.json"), timeout=240)
+                     "--json", str(tmp_path / "race.json"), "--keep", str(keep), timeout=240)
     rows = table(out, "arm test_nll")
     assert set(rows) == {"tuner", "plain-same", "plain-textbook"}
     runs = json.loads((tmp_path / "race.json").read_text())["runs"]
@@ -112,3 +114,10 @@ def test_search_race_scores_every_arm_on_the_same_split(tmp_path: Path, small_np
         assert r["trials"] >= r["complete"] >= 1 and r["epochs"] >= r["trials"], r  # 1 epoch each
         assert row[0] == f"{r['test_nll']:.2f}±0.00" and 0 < r["test_nll"] < 1000 and r["reached_s"] <= r["wall_s"]
         assert row[2] == "1/1"  # every arm reached the (loose) target
+    # --keep kept each run's study for `tuner confirm` / `tuner rank`, and refuses to mix a rerun into them
+    for arm in ("tuner", "plain-same", "plain-textbook"):
+        trials = optuna.load_study(study_name="race", storage=f"sqlite:///{keep / f'{arm}-0.db'}").get_trials()
+        assert len(trials) >= next(r["trials"] for r in runs if r["arm"] == arm)
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_race.py"), "--spec", str(path), "--keep", str(keep),
+                            "--seeds", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode != 0 and "already holds tuner-0.db" in again.stderr and not again.stdout.count("seed 0:")
