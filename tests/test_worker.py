@@ -63,7 +63,9 @@ def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     try:
         return optuna.load_study(study_name=name, storage=url).get_trials()
-    except (KeyError, sqlalchemy.exc.OperationalError):  # the study (or its tables) is being created
+    except (KeyError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+        # the study (or its tables) is being created: opening the store races the other process's
+        # schema setup (both insert alembic_version's row; the loser gets IntegrityError)
         return []
 
 
