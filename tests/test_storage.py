@@ -175,6 +175,42 @@ def test_four_processes_write_one_sqlite_file_without_errors(tmp_path: Path) -> 
     assert all(t.value == t.intermediate_values[0] == t.params["x"] * t.params["x"] for t in trials)
 
 
+OPEN_AT = """
+import sys, time
+import optuna
+from tuner.store.urls import open_storage
+url, at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, at - time.time()))  # every process imported, then all open the new store together
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.create_study(study_name="s", storage=open_storage(url), load_if_exists=True)
+print("ok")
+"""
+
+
+def open_new_store_at_once(url: str, cwd: Path, processes: int = 4) -> list[tuple[int, str, str]]:
+    """``processes`` real processes opening the same brand-new store in the same instant."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    at = time.time() + 6.0  # after every interpreter has imported optuna (~2 s each on 2 cores)
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, url, str(at)], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    return [(p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
+def test_processes_creating_one_new_sqlite_store_at_once_all_open_it(tmp_path: Path) -> None:
+    # Optuna creates the tables and stamps the schema version without a lock: without a retry
+    # the losers of that race die with "table ... already exists" or a unique-key violation.
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'new-{round_}.db'}"
+        assert open_new_store_at_once(url, tmp_path) == [(0, "ok\n", "")] * 4
+        assert optuna.get_all_study_names(open_storage(url)) == ["s"]
+
+
+def test_processes_creating_one_new_postgres_store_at_once_all_open_it(pg_url: str, tmp_path: Path) -> None:
+    assert open_new_store_at_once(pg_url, tmp_path) == [(0, "ok\n", "")] * 4
+    assert optuna.get_all_study_names(open_storage(pg_url)) == ["s"]
+
+
 def test_readers_are_not_blocked_by_a_writer_holding_the_lock(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 't.db'}"
     study = quiet_study(open_storage(url))

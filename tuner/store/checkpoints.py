@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.atomic import save_atomic
@@ -103,6 +102,8 @@ class TrialFiles:
             path = self.path(number)
             if not path.is_file():
                 continue
+            import torch  # here, not at the top: a study's parent process (top_trials) never loads torch
+
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - a torn or foreign file is not resumed, whatever broke

@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = ["DEFAULT_URL", "check_storage", "mask_secrets", "mask_url", "open_sto
 DEFAULT_URL = "sqlite:///storage/tuner.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # how long a SQLite connection waits for another process's write lock
 PG_CONNECT_TIMEOUT_S = 10
+_SCHEMA_RACE_TRIES = 5  # opening a brand-new store while other processes create its schema too
 _FIX = "use sqlite:///PATH or postgresql+psycopg://USER:PASS@HOST/DB"
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
@@ -146,14 +148,21 @@ def open_storage(
             "log": retry_log, "describe": lambda e: str(_connect_error(url, parsed, e)),
         }
         try:
-            backend = (RetryingRDBStorage if retry_log else optuna.storages.RDBStorage)(
-                rendered,
-                **retrying,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=retry,
-            )
+            for attempt in range(_SCHEMA_RACE_TRIES):
+                try:
+                    backend = (RetryingRDBStorage if retry_log else optuna.storages.RDBStorage)(
+                        rendered,
+                        **retrying,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=retry,
+                    )
+                    break
+                except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+                    if attempt + 1 == _SCHEMA_RACE_TRIES or not _lost_schema_race(e):
+                        raise
+                    time.sleep(0.1 * (attempt + 1))  # the winner's create/stamp commits, then we find it done
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             raise _connect_error(url, parsed, e) from None
         except RuntimeError as e:  # schema written by another Optuna version: the text says the fix
@@ -162,6 +171,27 @@ def open_storage(
         _sync_normal(backend.engine)
     return CachedStorage(backend, retry=None if retry_log is None else (
         lambda call, what: retry_transient(call, what, log=retry_log, describe=retrying["describe"])))
+
+
+def _lost_schema_race(error: BaseException) -> bool:
+    """Whether ``error`` is another process creating the same new store's schema at the same moment.
+
+    Optuna creates the tables (check, then CREATE) and stamps the schema version (an INSERT on a
+    unique key) without a lock, so two workers opening a brand-new store at once can collide: the
+    loser sees "table ... already exists" or a unique-key violation. The schema is then complete or
+    about to be, so opening again succeeds; any other error is not retried.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e).lower():
+            return True
+        stack += [getattr(e, "orig", None), e.__cause__]
+    return False
 
 
 def check_storage(url: str) -> None:
@@ -240,11 +270,22 @@ def _prepare_sqlite(path: Path, url: str) -> dict[str, object]:
                                         "choose a path in a writable folder")) from None
     # WAL lets readers and one writer work at once; the mode is stored in the file, so every later
     # connection (any process) uses it. Changing it needs a brief exclusive lock, hence the timeout.
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
-            db.execute("PRAGMA journal_mode=WAL").fetchone()
-    except sqlite3.Error as e:
-        raise TunerError(_one_line(url, _cause(_SQLITE_CAUSES, str(e), path=path))) from None
+    # Processes opening a brand-new file together can get "locked" at once, without SQLite's busy
+    # wait (a lock upgrade it refuses to wait for): tried again until the timeout, by when one of
+    # them has switched the file and the others find it in WAL already.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
+                db.execute("PRAGMA journal_mode=WAL").fetchone()
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e).lower() and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise TunerError(_one_line(url, _cause(_SQLITE_CAUSES, str(e), path=path))) from None
+        except sqlite3.Error as e:
+            raise TunerError(_one_line(url, _cause(_SQLITE_CAUSES, str(e), path=path))) from None
     return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
 
 

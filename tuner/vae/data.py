@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from tuner.atomic import write_atomic
 from tuner.errors import TunerError
 
 if TYPE_CHECKING:  # spec needs pydantic; data must import with torch and numpy alone
+    import torch
+    from torch import Tensor
+
     from tuner.spec import DataConfig
 
 __all__ = ["KNOWN_DATASETS", "MNIST5K_CACHE", "Splits", "cache_dir", "load_array", "load_splits", "write_mnist5k_cache"]
@@ -333,6 +334,8 @@ def _split_sizes(n: int, split: tuple[float, float, float], source: str) -> tupl
 
 def _bernoulli(x: Tensor, split_seed: int, part: str) -> Tensor:
     """One fixed binarization of x (CPU), its own seeded stream per split."""
+    import torch
+
     seed = (4 * split_seed + _BINARIZE_STREAM[part]) % (2**63)
     return torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
 
@@ -345,6 +348,8 @@ def load_splits(config: DataConfig, batch_size: int, device: torch.device | str 
     batch would make every epoch empty (the engine drops the last partial batch to keep shapes
     fixed).
     """
+    import torch  # here: reading and checking a dataset (a study's preflight) needs no torch
+
     source = f"data.dataset '{config.dataset}'"
     x_np, image_shape = load_array(config.dataset)
     n = x_np.shape[0]
