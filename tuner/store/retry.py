@@ -39,7 +39,8 @@ from optuna.trial import TrialState
 
 from tuner.errors import TunerError
 
-__all__ = ["RETRY_BUDGET_S", "RetryingRDBStorage", "StorageUnavailableError", "is_transient", "retry_transient"]
+__all__ = ["RETRY_BUDGET_S", "RetryingRDBStorage", "StorageUnavailableError", "caused_by", "is_transient",
+           "retry_transient"]
 
 RETRY_BUDGET_S = 60.0  # how long a store call keeps retrying before the worker gives up (one line, exit 2)
 _FIRST_DELAY_S = 0.5
@@ -52,12 +53,11 @@ class StorageUnavailableError(TunerError):
     """The store stayed unreachable for the whole retry budget (a TunerError: one line, exit 2)."""
 
 
-def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` (or what it wraps) is a lost or refused connection or a SQLite lock.
+def caused_by(error: BaseException, matches: Callable[[BaseException], bool]) -> bool:
+    """Whether ``error`` or an error it wraps ``matches``.
 
     Only explicit wrapping is followed (``__cause__``, SQLAlchemy's ``.orig``), not ``__context__``:
-    an error raised while another was being handled is not caused by it. Programming errors (no such
-    table, bad SQL, a finished trial) are not transient and are raised at once.
+    an error raised while another was being handled is not caused by it.
     """
     seen: set[int] = set()
     stack: list[BaseException | None] = [error]
@@ -66,14 +66,28 @@ def is_transient(error: BaseException) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
-            return True  # refused, reset, server shutting down (AdminShutdown), serialization conflicts
-        if isinstance(e, sqlite3.OperationalError) and any(w in str(e).lower() for w in ("locked", "busy")):
-            return True
-        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+        if matches(e):
             return True
         stack += [getattr(e, "orig", None), e.__cause__]
     return False
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) is a lost or refused connection or a SQLite lock.
+
+    Programming errors (no such table, bad SQL, a finished trial) are not transient and are raised
+    at once.
+    """
+    return caused_by(error, _is_transient_one)
+
+
+def _is_transient_one(e: BaseException) -> bool:
+    """:func:`is_transient` for one error, not what it wraps."""
+    if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True  # refused, reset, server shutting down (AdminShutdown), serialization conflicts
+    if isinstance(e, sqlite3.OperationalError) and any(w in str(e).lower() for w in ("locked", "busy")):
+        return True
+    return isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated
 
 
 def retry_transient(

@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL, make_url
 
 from tuner.errors import TunerError
 from tuner.store.cache import CachedStorage
-from tuner.store.retry import RetryingRDBStorage, retry_transient
+from tuner.store.retry import RetryingRDBStorage, caused_by, retry_transient
 
 __all__ = ["DEFAULT_URL", "check_storage", "mask_secrets", "mask_url", "open_storage", "store_exists"]
 
@@ -181,17 +181,8 @@ def _lost_schema_race(error: BaseException) -> bool:
     loser sees "table ... already exists" or a unique-key violation. The schema is then complete or
     about to be, so opening again succeeds; any other error is not retried.
     """
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e).lower():
-            return True
-        stack += [getattr(e, "orig", None), e.__cause__]
-    return False
+    return caused_by(error, lambda e: isinstance(e, sqlalchemy.exc.IntegrityError)
+                     or "already exists" in str(e).lower())
 
 
 def check_storage(url: str) -> None:
@@ -279,12 +270,11 @@ def _prepare_sqlite(path: Path, url: str) -> dict[str, object]:
             with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
                 db.execute("PRAGMA journal_mode=WAL").fetchone()
             break
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e).lower() and time.monotonic() < deadline:
+        except sqlite3.Error as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e).lower() \
+                    and time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
-            raise TunerError(_one_line(url, _cause(_SQLITE_CAUSES, str(e), path=path))) from None
-        except sqlite3.Error as e:
             raise TunerError(_one_line(url, _cause(_SQLITE_CAUSES, str(e), path=path))) from None
     return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
 
